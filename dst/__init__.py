@@ -1,0 +1,44 @@
+"""Dropped Scheduled Task (DST) for multi-task learning, with Optuna studies and MLflow tracking.
+
+DST gates each task's loss on or off once per epoch with a probability built from the
+task's depth, its labelled count, how far its loss has fallen and whether it stagnates
+(A. Malhotra, M. Vatsa, R. Singh, "Dropped Scheduled Task: Mitigating Negative Transfer in
+Multi-task Learning using Dynamic Task Dropping", TMLR 2022).
+"""
+
+from dst._errors import DivergedError, UsageError
+from dst._experiment import (
+    Experiment,
+    ExperimentData,
+    Metric,
+    MultiTaskModel,
+    Task,
+    create_experiment,
+    resolve_experiment,
+    split_validation,
+)
+from dst._scheduler import (
+    DSTScheduler,
+    MTLScheduler,
+    RandomScheduler,
+    STLScheduler,
+    make_scheduler,
+)
+
+__all__ = [
+    "DSTScheduler",
+    "DivergedError",
+    "Experiment",
+    "ExperimentData",
+    "MTLScheduler",
+    "Metric",
+    "MultiTaskModel",
+    "RandomScheduler",
+    "STLScheduler",
+    "Task",
+    "UsageError",
+    "create_experiment",
+    "make_scheduler",
+    "resolve_experiment",
+    "split_validation",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from dst.cli import main
+
+sys.exit(main())

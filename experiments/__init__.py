@@ -1,0 +1,1 @@
+"""Built-in experiments: ``shapes`` (generated), ``omniglot``, ``face`` and ``fingerprint``."""
