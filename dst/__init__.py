@@ -18,16 +18,30 @@ from dst._experiment import (
     split_validation,
 )
 from dst._scheduler import (
+    LAMBDA_NAMES,
     DSTScheduler,
     MTLScheduler,
     RandomScheduler,
+    Scheduler,
     STLScheduler,
     make_scheduler,
+    parse_lambdas,
+)
+from dst._trainer import (
+    Callback,
+    EpochRecord,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    train_experiment,
 )
 
 __all__ = [
+    "LAMBDA_NAMES",
+    "Callback",
     "DSTScheduler",
     "DivergedError",
+    "EpochRecord",
     "Experiment",
     "ExperimentData",
     "MTLScheduler",
@@ -35,10 +49,16 @@ __all__ = [
     "MultiTaskModel",
     "RandomScheduler",
     "STLScheduler",
+    "Scheduler",
     "Task",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
     "UsageError",
     "create_experiment",
     "make_scheduler",
+    "parse_lambdas",
     "resolve_experiment",
     "split_validation",
+    "train_experiment",
 ]

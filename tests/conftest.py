@@ -122,7 +122,7 @@ class MlflowServer:
         except OSError:
             return False
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> None:
         """Stop the whole process group: the server and the workers it started."""
         if self.process is None or self.process.poll() is not None:
             return
@@ -145,7 +145,11 @@ class MlflowServer:
 def start_mlflow_server(
     tmp_path: Path, postgres_database: Callable[[], str]
 ) -> Iterator[Callable[[], MlflowServer]]:
-    """Return a factory that starts ``mlflow server`` processes, stopped after the test."""
+    """Return a factory of ``mlflow server`` processes that this test alone uses.
+
+    For tests that stop, kill or restart the server. Each server gets a fresh database and
+    is stopped after the test.
+    """
     servers: list[MlflowServer] = []
 
     def factory() -> MlflowServer:
@@ -161,10 +165,20 @@ def start_mlflow_server(
         server.stop()
 
 
-@pytest.fixture
-def mlflow_server(start_mlflow_server: Callable[[], MlflowServer]) -> MlflowServer:
-    """A running ``mlflow server`` on a fresh Postgres database."""
-    return start_mlflow_server()
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A running ``mlflow server`` on a fresh Postgres database, shared by the session.
+
+    Tests that share it must use their own MLflow experiment (a unique study name).
+    """
+    backend_uri = create_database("dst_test_mlflow")
+    server = MlflowServer(
+        backend_uri=backend_uri, artifacts_dir=tmp_path_factory.mktemp("mlartifacts")
+    )
+    server.start()
+    yield server
+    server.stop()
+    drop_database(backend_uri)
 
 
 @pytest.fixture
