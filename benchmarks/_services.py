@@ -92,8 +92,7 @@ def parse_int_list(text: str, option: str) -> list[int]:
         values = []
     if not values or min(values) < 1:
         raise UsageError(
-            f"invalid {option} {text!r}; use positive integers separated by commas, such as"
-            " 1,2,4"
+            f"invalid {option} {text!r}; use positive integers separated by commas, such as 1,2,4"
         )
     return values
 
@@ -236,7 +235,11 @@ class MlflowServer:
 
 @contextmanager
 def mlflow_tracking(args: argparse.Namespace) -> Iterator[str]:
-    """Yield ``--tracking-uri``, or the URL of a local server started for the block."""
+    """Yield ``--tracking-uri``, or the URL of a local server started for the block.
+
+    MLflow's client stops printing a link per ended run for the rest of the process.
+    """
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if args.tracking_uri:
         yield args.tracking_uri
         return
@@ -343,6 +346,32 @@ class ConnectionWatcher:
                 self._stop.wait(self.interval)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """Wall-clock and CPU seconds: a point in time, or the difference of two points.
+
+    CPU time is ``time.process_time``, the CPU seconds of every thread of this process. It
+    leaves out the time spent waiting for other processes (an MLflow server, a database, or
+    other programs that share the cores), so it stays comparable on a loaded machine.
+    """
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def now(cls) -> Reading:
+        return cls(time.perf_counter(), time.process_time())
+
+    def __sub__(self, other: Reading) -> Reading:
+        return Reading(self.wall - other.wall, self.cpu - other.cpu)
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """Return the median of the ratios of paired values, NaN when there are none."""
+    pairs = zip(numerators, denominators, strict=True)
+    return median([numerator / denominator for numerator, denominator in pairs])
+
+
 def median(values: Sequence[float]) -> float:
     """Return the median of ``values``, NaN when there are none."""
     return statistics.median(values) if values else float("nan")
@@ -370,10 +399,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def print_header(title: str, argv: Sequence[str] | None) -> None:
+def print_header(title: str, script: str, argv: Sequence[str] | None) -> None:
     """Print the benchmark's title, the machine and the command line that reproduces it."""
     arguments = " ".join(sys.argv[1:] if argv is None else argv)
-    script = Path(sys.modules["__main__"].__file__ or title).name if argv is None else title
     print(f"== {title}")
     print(f"machine: {describe_machine()}")
     print(f"command: python benchmarks/{script} {arguments}".rstrip())

@@ -1,26 +1,20 @@
-"""Optuna studies: storage, ``study create``, the trial objective and the worker loop.
+"""Optuna studies: ``study create``, the search space, the worker loop and the objective.
 
-Storage. Optuna's RDB storage holds every study: PostgreSQL when deployed, a SQLite file on
-a laptop. Each process opens it with ``pool_pre_ping`` and a pool of
-:data:`POOL_SIZE` connections plus :data:`MAX_OVERFLOW` overflow ones, and while it holds
-the study lock it opens one more connection for the lock itself (a PostgreSQL advisory
-lock; on SQLite an ``flock`` on ``<database>.lock``, which needs no connection).
-
-The study lock serialises the few steps that must not interleave across workers and
-machines: creating the study and enqueueing its rows, creating the MLflow parent run, and
-claiming a trial. Claiming under the lock is how the study runs exactly ``n_trials``:
-a worker first fails stale trials (heartbeats), then counts the trials, then asks Optuna
-for the next one, which pops the oldest enqueued row or samples a new trial. Optuna's
-``MaxTrialsCallback`` is not used because it stops a worker only after its trial ends, so
-concurrent workers overshoot the budget.
+The study lock (see :mod:`dst._study_storage`) serialises the few steps that must not
+interleave across workers and machines: creating the study and enqueueing its rows,
+creating the MLflow parent run, and claiming a trial. Claiming under the lock is how the
+study runs exactly ``n_trials``. A worker first fails stale trials (heartbeats), then counts
+the trials, then asks Optuna for the next one, which pops the oldest enqueued row or
+samples a new trial. Optuna's ``MaxTrialsCallback`` is not used, because it stops a worker
+only after its trial ends, so concurrent workers overshoot the budget.
 
 Budget. ``n_trials`` counts COMPLETE, PRUNED and FAILED trials, except failed ones that
-were queued again: a trial whose worker stopped sending heartbeats (retried by Optuna's
-``RetryHeartbeatStaleTrialCallback``), a trial interrupted by SIGTERM or Ctrl-C, and a
-trial that hit a usage error on one worker (a missing data folder, say). A diverged trial
-(NaN loss) counts and is not retried. Running trials count too while they run, so a worker
-never starts a trial the budget has no room for; it waits instead, in case a running
-trial is retried.
+were queued again. Three kinds of failed trial are queued again: a trial whose worker
+stopped sending heartbeats (retried by Optuna's ``RetryFailedTrialCallback``), a trial
+interrupted by SIGTERM or Ctrl-C, and a trial that hit a usage error on one worker (a
+missing data folder, say). A diverged trial (NaN loss) counts and is not retried. Running
+trials count too while they run, so a worker never starts a trial that the budget has no
+room for. It waits instead, in case a running trial is retried.
 """
 
 from __future__ import annotations
@@ -44,10 +38,8 @@ import optuna
 import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import NullPool
 
 from dst import _tracking
 from dst._errors import DivergedError, UsageError
@@ -55,6 +47,14 @@ from dst._experiment import Experiment, create_experiment, resolve_experiment
 from dst._names import task_keys
 from dst._scheduler import LAMBDA_NAMES
 from dst._study_file import DATA_DIR_OPTION, Row, StudyConfig
+from dst._study_storage import (
+    check_distinct_databases,
+    check_storage,
+    display_url,
+    open_storage,
+    resolve_tracking_uri,
+    study_lock,
+)
 from dst._trainer import (
     Callback,
     EpochRecord,
@@ -65,16 +65,6 @@ from dst._trainer import (
 )
 
 _logger = logging.getLogger(__name__)
-
-DEFAULT_STORAGE = "sqlite:///dst-studies.db"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-STORAGE_ENV = "DST_STORAGE"
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-
-POOL_SIZE = 2
-"""Pooled connections per process: the main thread and the heartbeat thread."""
-MAX_OVERFLOW = 1
-"""Connections above the pool, for a moment when both threads and a callback overlap."""
 
 CONFIG_ATTR = "dst_config"
 """Study user attribute with the resolved study config, so workers need only the name."""
@@ -89,208 +79,13 @@ _RETRY_HISTORY = "retry_history"
 LAMBDA_RAW_LOW = 1e-6
 """Lower bound of the uniform draws ``u_i`` whose ``-log`` gives the simplex weights."""
 
-_CONNECT_TIMEOUT_S = 5
-_SUPPORTED_BACKENDS = ("postgresql", "sqlite")
-
-
-# Storage URLs and the study lock.
-
-
-def resolve_storage_url(value: str | None) -> str:
-    """Return ``--storage``, else ``$DST_STORAGE``, else the SQLite file in the working dir."""
-    url = value or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-    return normalize_database_url(url, "--storage / DST_STORAGE")
-
-
-def resolve_tracking_uri(value: str | None, stored: str | None = None) -> str:
-    """Return ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``stored``, else SQLite."""
-    return value or os.environ.get(TRACKING_URI_ENV) or stored or DEFAULT_TRACKING_URI
-
-
-def normalize_database_url(url: str, source: str) -> str:
-    """Return ``url`` with the psycopg 3 driver when it names PostgreSQL without a driver.
-
-    SQLAlchemy's default PostgreSQL driver is psycopg2, which this project does not need.
-    """
-    parsed = _parse_url(url, source)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    backend = parsed.get_backend_name()
-    if backend not in _SUPPORTED_BACKENDS:
-        raise UsageError(
-            f"unsupported study storage {_display(parsed)!r} from {source}; use"
-            " postgresql+psycopg://USER@HOST:PORT/DB or sqlite:///FILE.db"
-        )
-    return parsed.render_as_string(hide_password=False)
-
-
-def _parse_url(url: str, source: str) -> URL:
-    try:
-        return make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        raise UsageError(
-            f"invalid database URL {url!r} from {source}; expected a URL such as"
-            " postgresql+psycopg://postgres@127.0.0.1:5432/optuna or sqlite:///dst-studies.db"
-        ) from None
-
-
-def _display(url: URL | str) -> str:
-    parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.render_as_string(hide_password=True)
-
-
-def check_distinct_databases(storage_url: str, tracking_uri: str) -> None:
-    """Raise UsageError when Optuna and MLflow would share one database.
-
-    Both keep their schema version in an ``alembic_version`` table, so one database cannot
-    hold both.
-    """
-    try:
-        tracking = make_url(tracking_uri)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return
-    if tracking.get_backend_name() not in ("postgresql", "sqlite", "mysql", "mssql"):
-        return
-    if _database_identity(make_url(storage_url)) == _database_identity(tracking):
-        raise UsageError(
-            f"the Optuna storage and the MLflow tracking URI name the same database"
-            f" ({_display(storage_url)}); give MLflow its own database, such as"
-            " sqlite:///mlflow.db or .../mlflow on the same server"
-        )
-
-
-def _database_identity(url: URL) -> tuple[str, str | None, int | None, str | None]:
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        database = url.database or ""
-        path = str(Path(database).resolve()) if database not in ("", ":memory:") else database
-        return backend, None, None, path
-    port = url.port or (5432 if backend == "postgresql" else None)
-    return backend, url.host or "localhost", port, url.database
-
-
-def check_storage(url: str, *, must_exist: bool) -> None:
-    """Raise UsageError unless the storage at ``url`` can be used, writing nothing.
-
-    A SQLite file must exist when ``must_exist`` is set, else its folder must. A server
-    must accept a connection; the message names its host and port.
-    """
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        _check_sqlite_path(parsed, must_exist)
-        return
-    engine = sqlalchemy.create_engine(
-        url, poolclass=NullPool, connect_args={"connect_timeout": _CONNECT_TIMEOUT_S}
-    )
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.OperationalError as error:
-        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-        raise UsageError(
-            f"cannot connect to the study storage at {parsed.host}:{parsed.port or 5432}"
-            f" (database {parsed.database!r}): {reason}; start the server or fix --storage /"
-            " DST_STORAGE"
-        ) from None
-    finally:
-        engine.dispose()
-
-
-def _check_sqlite_path(url: URL, must_exist: bool) -> None:
-    database = url.database or ""
-    if database in ("", ":memory:"):
-        raise UsageError(
-            f"in-memory SQLite storage {_display(url)!r} is lost when the process ends;"
-            " give a file, such as sqlite:///dst-studies.db"
-        )
-    path = Path(database)
-    if must_exist and not path.is_file():
-        raise UsageError(
-            f"study storage file {database!r} does not exist; run 'dst study create FILE'"
-            " first, or fix --storage / DST_STORAGE"
-        )
-    if not path.resolve().parent.is_dir():
-        raise UsageError(
-            f"folder of the study storage file {database!r} does not exist; create it or"
-            " fix --storage / DST_STORAGE"
-        )
-
-
-@contextmanager
-def study_lock(url: str, study_name: str) -> Iterator[None]:
-    """Hold a lock on ``study_name`` shared by every process that uses the storage ``url``.
-
-    PostgreSQL: a session advisory lock keyed by the study name, on its own connection.
-    SQLite: ``flock`` on ``<database>.lock``, which works between processes of one machine,
-    the only machines that can share a SQLite file.
-    """
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        with _file_lock(Path(f"{parsed.database}.lock")):
-            yield
-        return
-    key = int.from_bytes(hashlib.sha256(f"dst.study:{study_name}".encode()).digest()[:8], "big")
-    key -= 1 << 63  # into PostgreSQL's signed bigint range
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            try:
-                yield
-            finally:
-                unlock = sqlalchemy.text("SELECT pg_advisory_unlock(:key)")
-                connection.execute(unlock, {"key": key})
-    finally:
-        engine.dispose()
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def open_storage(
-    url: str,
-    *,
-    create_tables: bool,
-    heartbeat_interval: int | None = None,
-    grace_period: int | None = None,
-    stale_trial_callback: Any = None,
-) -> RDBStorage:
-    """Open Optuna's RDB storage with pre-ping and the bounded pool of the module docstring."""
-    engine_kwargs: dict[str, Any] = {
-        "pool_pre_ping": True,
-        "pool_size": POOL_SIZE,
-        "max_overflow": MAX_OVERFLOW,
-    }
-    if make_url(url).get_backend_name() == "sqlite":
-        # Wait for a writer in another process instead of failing at once.
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            skip_table_creation=not create_tables,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=stale_trial_callback,
-        )
-
 
 # Study creation.
 
 
 @dataclass(frozen=True)
 class CreatedStudy:
-    """What ``create_study`` did: the study and the rows it enqueued or found."""
+    """Result of :func:`create_study`: the study and the counts of new and existing rows."""
 
     study: optuna.Study
     n_enqueued: int
@@ -336,7 +131,7 @@ def create_study(
         "study %s in %s: %d rows enqueued, %d already there, n_trials %d; MLflow %s, parent"
         " run %s",
         config.name,
-        _display(storage_url),
+        display_url(storage_url),
         n_enqueued,
         n_existing,
         config.n_trials,
@@ -452,8 +247,8 @@ def sample_lambdas(trial: optuna.Trial) -> tuple[float, ...]:
     """Sample the five lambdas uniformly on the simplex by normalised exponentials.
 
     Each ``u_i`` is uniform on ``[1e-6, 1]`` and ``x_i = -log(u_i)`` is exponential, so
-    ``x / sum(x)`` is uniform on the simplex (a flat Dirichlet). Every draw at 1 gives the
-    paper's equal weights.
+    ``x / sum(x)`` is uniform on the simplex (a flat Dirichlet). When every draw is 1, every
+    ``x_i`` is 0 and the weights fall back to 0.2 each.
     """
     draws = [trial.suggest_float(f"u_{name}", LAMBDA_RAW_LOW, 1.0) for name in LAMBDA_NAMES]
     exponentials = [-math.log(draw) for draw in draws]
@@ -551,7 +346,8 @@ class WorkerContext:
 
     settings: WorkerSettings
     study: optuna.Study
-    storage: RDBStorage
+    storage: Any
+    """Optuna's storage of ``study``, which records the heartbeats of running trials."""
     config: StudyConfig
     tracking_uri: str
     client: MlflowClient
@@ -668,7 +464,7 @@ def open_worker(settings: WorkerSettings) -> WorkerContext:
 
     Raises:
         UsageError: The storage or the study does not exist, the tracking server does not
-            answer, or the experiment's data folder is missing.
+            respond, or the experiment's data folder is missing.
     """
     check_storage(settings.storage_url, must_exist=True)
     stale_handler = StaleTrialHandler(settings.max_retry)
@@ -693,7 +489,7 @@ def open_worker(settings: WorkerSettings) -> WorkerContext:
     return WorkerContext(
         settings=settings,
         study=study,
-        storage=study._storage,  # noqa: SLF001 - the RDB storage, for heartbeats
+        storage=study._storage,  # noqa: SLF001 - Optuna exposes no public accessor
         config=config,
         tracking_uri=tracking_uri,
         client=client,
@@ -706,7 +502,7 @@ def open_worker(settings: WorkerSettings) -> WorkerContext:
 
 def load_study(settings: WorkerSettings, stale_handler: StaleTrialHandler) -> optuna.Study:
     """Load ``settings.study_name``; an unknown name lists the studies in the storage."""
-    where = _display(settings.storage_url)
+    where = display_url(settings.storage_url)
     try:
         storage = open_storage(
             settings.storage_url,
@@ -746,7 +542,7 @@ def run_worker(settings: WorkerSettings) -> int:
         "worker started: study %s, pid %d, storage %s, MLflow %s",
         settings.study_name,
         os.getpid(),
-        _display(settings.storage_url),
+        display_url(settings.storage_url),
         context.tracking_uri,
     )
     with _sigterm_stops_worker():
@@ -799,7 +595,10 @@ def claim_trial(context: WorkerContext) -> optuna.Trial | str:
         with warnings.catch_warnings():
             # Optuna warns that heartbeats need optimize(); _Heartbeat records them here.
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            return study.ask()
+            trial = study.ask()
+        # A running trial without any heartbeat never counts as stale, so record one at once.
+        context.storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+        return trial
 
 
 @contextmanager
@@ -809,6 +608,8 @@ def _sigterm_stops_worker() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
+        # Ignore a repeated signal, so that ending the interrupted trial is not cut short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise WorkerStopped(f"signal {signal.Signals(signum).name}")
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -821,7 +622,7 @@ def _sigterm_stops_worker() -> Iterator[None]:
 class _Heartbeat:
     """Records the heartbeat of a running trial every ``interval`` seconds on a thread."""
 
-    def __init__(self, storage: RDBStorage, trial_id: int, interval: int) -> None:
+    def __init__(self, storage: Any, trial_id: int, interval: int) -> None:
         self.storage = storage
         self.trial_id = trial_id
         self.interval = interval
@@ -918,15 +719,9 @@ def objective(context: WorkerContext, trial: optuna.Trial, tree: _tracking.RunTr
     config = context.config
     row = trial_row(config, trial)
     _record_row(trial, row)
+    trial_run_id = _create_trial_run(context, trial, tree, row)
+
     several = len(config.seeds) > 1
-    seed_text = ",".join(str(seed) for seed in config.seeds)
-    name = f"trial {trial.number}" + (f": {row.label}" if row.label else "")
-    trial_run_id = tree.create(
-        context.parent_run_id, "trial", name, run_spec(context, row, seed_text),
-        _tracking.row_tags(row.label),
-    )  # fmt: skip
-    trial.set_user_attr(RUN_ID_ATTR, trial_run_id)
-    _logger.info("trial %d: MLflow run %s, %s", trial.number, trial_run_id, _describe(row))
     summaries = []
     for seed_index, seed in enumerate(config.seeds):
         run_id = trial_run_id
@@ -936,14 +731,26 @@ def objective(context: WorkerContext, trial: optuna.Trial, tree: _tracking.RunTr
         summaries.append(train_seed(context, trial, tree, row, seed_index, run_id))
         if several:
             tree.finish(run_id)
+
     value = summaries[0].best_val_avg_error
     if several:
-        keys = task_keys(context.task_names)
-        value = _tracking.log_mean_summary(context.client, trial_run_id, summaries, keys)
+        value = _tracking.log_mean_summary(context.client, trial_run_id, summaries)
     if not math.isfinite(value):
         raise _TrialFailed("every validation error is NaN; the trial has no value")
     tree.finish(trial_run_id)
     return value
+
+
+def _create_trial_run(
+    context: WorkerContext, trial: optuna.Trial, tree: _tracking.RunTree, row: Row
+) -> str:
+    seeds = ",".join(str(seed) for seed in context.config.seeds)
+    name = f"trial {trial.number}" + (f": {row.label}" if row.label else "")
+    spec = run_spec(context, row, seeds)
+    run_id = tree.create(context.parent_run_id, "trial", name, spec, _tracking.row_tags(row.label))
+    trial.set_user_attr(RUN_ID_ATTR, run_id)
+    _logger.info("trial %d: MLflow run %s, %s", trial.number, run_id, _describe(row))
+    return run_id
 
 
 def _record_row(trial: optuna.Trial, row: Row) -> None:
@@ -991,7 +798,7 @@ def run_spec(context: WorkerContext, row: Row, seed: str) -> _tracking.RunSpec:
 
 
 class _PruningCallback(Callback):
-    """Reports each epoch's validation average error to Optuna and prunes when told.
+    """Reports each epoch's validation average error to Optuna and raises TrialPruned.
 
     Seed ``i`` reports at steps ``i * n_epochs + epoch``, so the median pruner compares the
     same epoch of the same seed position across trials.
@@ -1120,8 +927,8 @@ def _checkpoint_dir(context: WorkerContext, trial: optuna.Trial, seed: int) -> P
 def finish_study(context: WorkerContext) -> None:
     """Log the report and Optuna's plots to the parent run once every trial has settled.
 
-    The worker that sees the study finished first logs them; a study report is logged
-    once per number of settled trials, recorded in a study user attribute.
+    The first worker to find the study finished logs them. A study user attribute records
+    the number of settled trials of the last report, so a report is logged once per count.
     """
     study, config = context.study, context.config
     with study_lock(context.settings.storage_url, config.name):

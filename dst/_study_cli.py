@@ -51,7 +51,7 @@ def add_parsers(commands: Any) -> None:
         " Any number of workers may run at once, on any number of machines.",
     )
     worker.add_argument("--study", required=True, help="name of the study to work on")
-    _add_service_arguments(worker)
+    _add_service_arguments(worker, stored_uri=True)
     worker.add_argument(
         "--data-dir", help="this machine's data folder, for experiments that read one"
     )
@@ -78,23 +78,29 @@ def add_parsers(commands: Any) -> None:
     report.set_defaults(handler=run_report)
 
 
-def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_service_arguments(parser: argparse.ArgumentParser, *, stored_uri: bool) -> None:
     parser.add_argument(
         "--storage",
         help="Optuna storage URL (default: $DST_STORAGE, else sqlite:///dst-studies.db)",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the URI stored with"
-        " the study, else sqlite:///mlflow.db)",
-    )
+    if stored_uri:
+        help_text = (
+            "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the URI stored with"
+            " the study, else sqlite:///mlflow.db)"
+        )
+    else:
+        help_text = (
+            "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db);"
+            " a URI given here or in the environment is stored with the study for its workers"
+        )
+    parser.add_argument("--tracking-uri", help=help_text)
 
 
 def _add_study_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "file", type=Path, help="study file (TOML), such as studies/quickstart.toml"
     )
-    _add_service_arguments(parser)
+    _add_service_arguments(parser, stored_uri=False)
     parser.add_argument("--n-epochs", type=int, help="epochs per run, replacing the file's")
     parser.add_argument(
         "--seeds",
@@ -152,7 +158,8 @@ def _add_heartbeat_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_create(args: argparse.Namespace) -> int:
     """Handle ``dst study create``."""
-    from dst._study import create_study, resolve_storage_url, resolve_tracking_uri
+    from dst._study import create_study
+    from dst._study_storage import resolve_storage_url, resolve_tracking_uri
 
     config = _load_config(args)
     storage_url = resolve_storage_url(args.storage)
@@ -170,13 +177,8 @@ def run_create(args: argparse.Namespace) -> int:
 
 def run_study(args: argparse.Namespace) -> int:
     """Handle ``dst study run``: create the study, run one worker, print the report."""
-    from dst._study import (
-        WorkerSettings,
-        create_study,
-        resolve_storage_url,
-        resolve_tracking_uri,
-        run_worker,
-    )
+    from dst._study import WorkerSettings, create_study, run_worker
+    from dst._study_storage import resolve_storage_url, resolve_tracking_uri
 
     config = _load_config(args)
     storage_url = resolve_storage_url(args.storage)
@@ -198,7 +200,8 @@ def run_study(args: argparse.Namespace) -> int:
 
 def run_worker_command(args: argparse.Namespace) -> int:
     """Handle ``dst worker``."""
-    from dst._study import WorkerSettings, resolve_storage_url, run_worker
+    from dst._study import WorkerSettings, run_worker
+    from dst._study_storage import resolve_storage_url
 
     settings = WorkerSettings(
         study_name=args.study,
@@ -224,7 +227,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     """Handle ``dst report``."""
     from dst._report import build_report, render_report
-    from dst._study import resolve_tracking_uri
+    from dst._study_storage import resolve_tracking_uri
     from dst._tracking import check_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -272,7 +275,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def _tracking_uri_given(args: argparse.Namespace) -> bool:
-    from dst._study import TRACKING_URI_ENV
+    from dst._study_storage import TRACKING_URI_ENV
 
     return bool(args.tracking_uri or os.environ.get(TRACKING_URI_ENV))
 

@@ -2,9 +2,9 @@
 
 A study file is data, read with :mod:`tomllib`. Its tables:
 
-- ``[study]``: ``name`` (default: the file name without ``.toml``), ``n_trials`` (for the
-  whole study, every worker together; default: the number of ``[[enqueue]]`` rows),
-  ``n_epochs`` and ``seeds`` (each seed trains its own MLflow run).
+- ``[study]``: ``name``, ``n_trials``, ``n_epochs`` and ``seeds``. The name defaults to the
+  file name without ``.toml``. ``n_trials`` counts the trials of every worker together and
+  defaults to the number of ``[[enqueue]]`` rows. Each seed trains its own MLflow run.
 - ``[experiment]``: ``name`` (a built-in name or ``package.module:Name``) and the table
   ``[experiment.options]``. An experiment with a ``data_dir`` option takes it from the
   command line (``--data-dir``), never from the file, because the path is machine-local.

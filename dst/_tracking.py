@@ -1,10 +1,10 @@
 """MLflow logging of studies: the run tree, one batched request per epoch, and artifacts.
 
 Every study is an MLflow experiment of the same name with one parent run (tag
-``dst.run_type=study``). Each trial is a child run; with several seeds each seed is a
-grandchild; an STL row trains one ``stl_task`` run per task under its seed run (or under the
-trial run with one seed). The runs that train carry the per-epoch metrics, with step = epoch
-number, and finish with the summary metrics of their best epoch.
+``dst.run_type=study``). Each trial is a child run of it. With several seeds, each seed is a
+grandchild run. An STL row trains one ``stl_task`` run per task, under its seed run or,
+with one seed, under the trial run. The runs that train carry the per-epoch metrics, with
+step = epoch number, and finish with the summary metrics of their best epoch.
 
 Params that do not apply to a run's scheduler (the lambdas and ``beta`` of ``mtl``, ``p`` of
 ``dst``, say) are logged as the empty string, so every run has the same param keys.
@@ -65,7 +65,7 @@ _LOGGED_COMPONENTS = ("depth", "count", "incompleteness", "stagnancy")
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Raise UsageError unless the MLflow tracking server at an http(s) ``uri`` answers.
+    """Raise UsageError unless the MLflow tracking server at an http(s) ``uri`` responds.
 
     Database and file URIs are checked when they are first used.
     """
@@ -80,12 +80,12 @@ def check_tracking_uri(uri: str) -> None:
     except (OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise UsageError(
-            f"MLflow tracking server {uri} does not answer ({reason}); start it or fix"
+            f"MLflow tracking server {uri} does not respond ({reason}); start it or fix"
             " --tracking-uri / MLFLOW_TRACKING_URI"
         ) from None
     if status != 200:
         raise UsageError(
-            f"MLflow tracking server {uri} answered HTTP {status} on /health; check that the"
+            f"MLflow tracking server {uri} returned HTTP {status} on /health; check that the"
             " URI points at an MLflow server"
         )
 
@@ -135,7 +135,7 @@ def create_parent_run(
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What a run trains; becomes the run's params and ``config.json``.
+    """Settings of a run, logged as its params and as ``config.json``.
 
     ``seed`` is the seed of a run that trains, or the comma-joined seeds of a trial run
     with several seeds.
@@ -366,6 +366,9 @@ class EpochLogger(Callback):
 
     Each epoch is one ``log_batch`` request with every metric of the epoch. At the end of
     training it logs the best-epoch metrics, ``epochs.csv`` and ``figure6.png``.
+
+    NOTE: an MLflow error while logging fails the trial. Metrics are not yet buffered to a
+    local file while the tracking server is unreachable.
     """
 
     def __init__(
@@ -407,9 +410,7 @@ class EpochLogger(Callback):
         self.client.log_figure(self.run_id, figure, "figure6.png")
 
 
-def log_mean_summary(
-    client: MlflowClient, run_id: str, summaries: Sequence[RunSummary], keys: Sequence[str]
-) -> float:
+def log_mean_summary(client: MlflowClient, run_id: str, summaries: Sequence[RunSummary]) -> float:
     """Log the means over ``summaries`` (seeds, or the tasks of an STL seed) to ``run_id``.
 
     Returns the mean best validation average error, the value the trial reports.
@@ -455,8 +456,8 @@ def figure6(records: Sequence[EpochRecord], task_names: Sequence[str]) -> Figure
     """Draw, per task, the training loss, the activation probability and the active epochs.
 
     This is the layout of Figure 6 of the DST paper. A shaded epoch is one in which the
-    task's gate was on, so the task trained; the probability at epoch ``k`` decides the gate
-    of epoch ``k + 1``.
+    task's gate was on, so the task trained. The probability at epoch ``k`` decides the
+    gate of epoch ``k + 1``.
     """
     epochs = np.array([record.epoch for record in records])
     n_columns = min(len(task_names), 4)

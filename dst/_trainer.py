@@ -334,7 +334,9 @@ class Trainer:
         self.scheduler = scheduler
         self.callbacks = list(callbacks)
         self.records: list[EpochRecord] = []
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        # PyTorch picks the multi-tensor (foreach) Adam only on CUDA by default. It is
+        # several times faster than the per-parameter loop on the CPU as well.
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, foreach=True)
         self.task_weights = torch.ones(len(self.tasks), device=self.device)
         self.gates = np.zeros(len(self.tasks), dtype=bool)
         self._bf16 = config.bf16 and self.device.type == "cuda"

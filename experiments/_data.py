@@ -41,7 +41,7 @@ class TensorTaskDataset(Dataset):
         for index, target in enumerate(targets):
             if target.shape[0] != n_samples:
                 raise ValueError(
-                    f"target {index} has {target.shape[0]} samples, the inputs {n_samples}"
+                    f"target {index} has {target.shape[0]} samples but the inputs have {n_samples}"
                 )
         self.inputs = inputs
         self.targets = list(targets)

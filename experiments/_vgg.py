@@ -95,7 +95,7 @@ class SegNetDecoder(nn.Module):
         super().__init__()
         self.unpool = nn.MaxUnpool2d(kernel_size=2, stride=2)
         self.stages = nn.ModuleList()
-        # Encoder convolution j maps channels[j] to channels[j + 1]; its mirror maps back.
+        # Encoder convolution j maps channels[j] to channels[j + 1], and its mirror maps back.
         channels = [encoder.in_channels] + [c for stage in encoder.stage_channels for c in stage]
         position = len(channels) - 1
         for stage in reversed(encoder.stage_channels):
@@ -128,7 +128,7 @@ class DenseBranch(nn.Module):
 
     Args:
         in_features: Number of values in the flattened input.
-        hidden_features: Width of each hidden layer; their count plus one is ``n_layers``.
+        hidden_features: Width of each hidden layer. ``n_layers`` is their count plus one.
         out_features: Number of outputs of the last layer, which has no activation.
         dropout: Dropout probability before every hidden layer after the first.
     """

@@ -263,10 +263,10 @@ def generate_shapes(n_samples: int, image_size: int, seed: int) -> dict[str, Ten
 
 def _draw_occluders(n_samples: int, image_size: int, generator: torch.Generator) -> dict:
     """Draw a grey rectangle for 30 % of the images and an empty one for the rest."""
-    shown = torch.rand(n_samples, generator=generator) < 0.3
+    has_occluder = torch.rand(n_samples, generator=generator) < 0.3
     size = (0.2 + 0.25 * torch.rand(n_samples, 2, generator=generator)) * image_size
     low = torch.rand(n_samples, 2, generator=generator) * (image_size - size)
-    high = torch.where(shown[:, None], low + size, low)
+    high = torch.where(has_occluder[:, None], low + size, low)
     grey = 0.4 + 0.1 * torch.rand(n_samples, generator=generator)
     return {"low": low, "high": high, "grey": grey}
 
@@ -319,7 +319,7 @@ def _shape_vertices() -> Tensor:
     arm = torch.tensor([[1.0, 0.4], [1.0, -0.4], [-1.0, 0.4], [-1.0, -0.4]])
     cross = torch.cat([arm, arm.flip(1)])
     polygons = [circle, square, triangle, cross]
-    # Repeat points so that every kind has the same number; the bounding box is unchanged.
+    # Repeat points so that every kind has the same number. The bounding box stays the same.
     return torch.stack([polygon.repeat(n_points, 1)[:n_points] for polygon in polygons])
 
 
@@ -363,7 +363,7 @@ def _corner_presence(corners: Tensor, occluder: dict[str, Tensor], image_size: i
 
 
 def _add_speckle(clean: Tensor, generator: torch.Generator) -> Tensor:
-    """Add speckle noise, ``x + x * n`` with ``n ~ N(0, 1)``, to 15 % of each image's pixels."""
+    """Add speckle noise, ``x + x * n`` with ``n ~ N(0, 1)``, to about 15 % of the pixels."""
     n_samples, _, height, width = clean.shape
     chosen = torch.rand(n_samples, 1, height, width, generator=generator) < NOISE_FRACTION
     noise = torch.randn(clean.shape, generator=generator)

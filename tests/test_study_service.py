@@ -64,6 +64,8 @@ def dst_env(**extra: str) -> dict[str, str]:
     """Return an environment for ``dst`` subprocesses without the user's service settings."""
     env = {k: v for k, v in os.environ.items() if k not in ("DST_STORAGE", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # Two workers share the machine's cores; one thread each keeps them from contending.
+    env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
 
@@ -273,3 +275,50 @@ def test_concurrent_creates_enqueue_each_row_once(tmp_path, postgres_database, m
     ]
     assert len(parents) == 1
     assert study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
+
+
+def test_two_workers_finish_shortened_table9_omniglot(
+    tmp_path, postgres_database, mlflow_server, omniglot_zip
+):
+    storage = postgres_database()
+    study_file = REPO / "studies" / "table9-omniglot.toml"
+    service = ["--storage", storage, "--tracking-uri", mlflow_server.url]
+    shorten = [
+        "--n-epochs",
+        "2",
+        "--seeds",
+        "1",
+        "--n-trials",
+        "3",
+        "--option",
+        "image_size=16",
+        "--option",
+        "width=4",
+    ]
+    data = ["--data-dir", str(omniglot_zip)]
+    created = run_dst(["study", "create", str(study_file), *service, *shorten, *data], tmp_path)
+    assert created.returncode == 0, created.stderr
+
+    logs = [tmp_path / f"worker-{index}.log" for index in range(2)]
+    worker = ["worker", "--study", "table9-omniglot", "--storage", storage, *data]
+    workers = [start_dst(worker, tmp_path, log) for log in logs]
+    wait_all(workers, logs, timeout=400)
+
+    study = optuna.load_study(study_name="table9-omniglot", storage=storage)
+    assert [trial.state for trial in study.get_trials(states=(TrialState.COMPLETE,))] == [
+        TrialState.COMPLETE
+    ] * 3
+    labels = [
+        t.user_attrs["row"]["label"] for t in study.get_trials(states=(TrialState.COMPLETE,))
+    ]
+    assert sorted(labels) == ["leave out count", "leave out depth", "traditional MTL"]
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 16
+
+    report = run_dst(
+        ["report", "--study", "table9-omniglot", "--tracking-uri", mlflow_server.url], tmp_path
+    )
+    assert report.returncode == 0, report.stderr
+    for alphabet in ("Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"):
+        assert alphabet in report.stdout
+    for label in labels:
+        assert label in report.stdout

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 
 def write_study(folder: Path, name: str, body: str, study: str = "n_epochs = 2") -> Path:
-    """Write a tiny shapes study file; ``study`` holds more keys of its [study] table."""
+    """Write a tiny shapes study file; ``study`` contains more keys of its [study] table."""
     header = f"""
         [study]
         name = "{name}"
@@ -53,6 +53,7 @@ def write_study(folder: Path, name: str, body: str, study: str = "n_epochs = 2")
 def dst_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DST_STORAGE", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -314,7 +315,7 @@ def test_dead_tracking_server_writes_nothing(tmp_path, capsys):
     args = ["study", "create", str(path), "--storage", storage, "--tracking-uri", tracking]
     status, message = run_cli(args, capsys)
     assert status == 2
-    assert f"MLflow tracking server {tracking} does not answer" in message
+    assert f"MLflow tracking server {tracking} does not respond" in message
     assert list(tmp_path.iterdir()) == [path]
 
 
@@ -344,3 +345,17 @@ def test_create_is_idempotent_and_rejects_changed_config(tmp_path, capsys):
     status, message = run_cli(["study", "create", str(path), *service, "--n-epochs", "3"], capsys)
     assert status == 2
     assert "study 'again' already exists with n_epochs = 2, not 3" in message
+
+
+def test_omniglot_study_needs_data_dir(tmp_path, capsys):
+    study_file = REPO / "studies" / "table9-omniglot.toml"
+    service = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+    service += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    status, message = run_cli(["study", "create", str(study_file), *service], capsys)
+    assert status == 2
+    assert "reads its data from a folder; pass --data-dir PATH" in message
+    missing = ["--data-dir", str(tmp_path / "no-such.zip")]
+    status, message = run_cli(["study", "create", str(study_file), *service, *missing], capsys)
+    assert status == 2
+    assert "no-such.zip' of study 'table9-omniglot' does not exist" in message
+    assert list(tmp_path.iterdir()) == []

@@ -212,7 +212,7 @@ def test_unreachable_tracking_server_raises_one_line():
     with pytest.raises(UsageError) as raised:
         check_tracking_uri(f"http://127.0.0.1:{port}")
     message = str(raised.value)
-    assert f"http://127.0.0.1:{port} does not answer" in message
+    assert f"http://127.0.0.1:{port} does not respond" in message
     assert "\n" not in message
 
 
