@@ -165,7 +165,7 @@ def free_port() -> int:
 
 @dataclass
 class MlflowServer:
-    """An ``mlflow server`` process group on 127.0.0.1 with one gunicorn worker."""
+    """An ``mlflow server`` process group on 127.0.0.1 with one uvicorn worker."""
 
     backend_uri: str
     artifacts_dir: Path
@@ -226,33 +226,47 @@ class MlflowServer:
             self.process.wait()
         except ProcessLookupError:
             pass
-        # Gunicorn workers can outlive a group leader that exits first.
+        # The server's worker processes can outlive a group leader that exits first.
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """An MLflow tracking server to log to.
+
+    Attributes:
+        url: The server's tracking URI.
+        database: Name of its PostgreSQL database when this process started the server on
+            one, else None.
+    """
+
+    url: str
+    database: str | None = None
+
+
 @contextmanager
-def mlflow_tracking(args: argparse.Namespace) -> Iterator[str]:
-    """Yield ``--tracking-uri``, or the URL of a local server started for the block.
+def mlflow_tracking(args: argparse.Namespace) -> Iterator[Tracking]:
+    """Yield ``--tracking-uri``, or a local server started for the block and then stopped.
 
     MLflow's client stops printing a link per ended run for the rest of the process.
     """
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if args.tracking_uri:
-        yield args.tracking_uri
+        yield Tracking(args.tracking_uri)
         return
     with tempfile.TemporaryDirectory(prefix="dst-benchmark-") as folder:
         artifacts = Path(folder) / "mlartifacts"
         artifacts.mkdir()
         if args.backend == "sqlite":
             with _running_server(f"sqlite:///{folder}/mlflow.db", artifacts) as url:
-                yield url
+                yield Tracking(url)
             return
         with temporary_database(args.postgres, "dst_benchmark_mlflow") as backend_uri:
             with _running_server(backend_uri, artifacts) as url:
-                yield url
+                yield Tracking(url, backend_uri.rsplit("/", 1)[1])
 
 
 @contextmanager
@@ -264,6 +278,22 @@ def _running_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+def subprocess_environment(threads: int | None = None) -> dict[str, str]:
+    """Return this process's environment with the checkout's root first on PYTHONPATH.
+
+    With ``threads``, OpenMP and MKL, and so torch, use that many threads in the child.
+    """
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {
+        **os.environ,
+        "PYTHONPATH": python_path,
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    }
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = environment["MKL_NUM_THREADS"] = str(threads)
+    return environment
 
 
 # Measuring aids.

@@ -1,9 +1,9 @@
 """Training aids shared by the benchmark scripts: experiments, tracked runs and a baseline loop.
 
-:class:`BaselineLoop` is the reference that the trainer's overhead is measured against: a
-plain PyTorch epoch over the same model, data and batch size, with every task on, the same
-masked mean loss per task, Adam, and one evaluation pass over the validation and the test
-split. It reads its loss sums once per epoch, as the trainer does.
+:class:`BaselineLoop` is the reference that the trainer's overhead is measured against. It
+is a plain PyTorch epoch over the same model, data and batch size with every task on. It
+uses the same masked mean loss per task and Adam, then evaluates the validation and the test
+split once. It reads its loss sums once per epoch, as the trainer does.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """Benchmark the cost of MLflow tracking: logging time per epoch and HTTP requests per epoch.
 
-The script trains one experiment with the DST scheduler (the paper's lambdas, which log the
-most metrics per epoch) through ``Trainer.fit`` with the ``EpochLogger`` that ``dst
-worker`` uses, logging to an MLflow server. It times the logger's work at the end of each
-epoch, counts the HTTP requests that MLflow's REST client sends meanwhile, and divides the
-logging time by the epoch's wall-clock time (training, evaluation and logging). Epoch 1 is
-left out, because its request opens the HTTP connection. The target is under 1 % of the
+The script trains one experiment through ``Trainer.fit`` with the DST scheduler, which logs
+the most metrics per epoch, at every lambda 0.2 and beta 0.1. The ``EpochLogger`` that
+``dst worker`` uses logs the run to an MLflow server. It times the logger's hook at the end of each
+epoch, the time that training waits for logging, and divides it by the epoch's wall-clock
+time (training, evaluation and logging). It counts the HTTP requests that MLflow's REST
+client sends during each epoch. Epoch 1 is left out, because its request opens the HTTP
+connection. The target is under 1 % of the
 epoch time. It also prints the requests and time of the run's start (tags) and end (summary
-metrics, ``epochs.csv`` and ``figure6.png``), which happen once per run.
+metrics, ``epochs.csv`` and ``figure6.png``), which happen once per run. Last, it times
+``log_batch`` requests of 1 metric and of an epoch's number of metrics on a run of their
+own, to tell the server's latency from the cost of the batch's size.
 
     python benchmarks/tracking_cost.py
 """
@@ -30,7 +33,7 @@ import torch
 from dst._errors import UsageError
 from dst._experiment import Experiment
 from dst._scheduler import make_scheduler
-from dst._tracking import EpochLogger, epoch_metrics
+from dst._tracking import FINISHED, EpochLogger, epoch_metrics, log_metrics
 from dst._trainer import (
     EpochRecord,
     TrainConfig,
@@ -54,7 +57,10 @@ class Cost:
 
 
 class TimedEpochLogger(EpochLogger):
-    """``EpochLogger`` that times each hook and counts the HTTP requests it sends.
+    """``EpochLogger`` that times each hook and counts the HTTP requests of each epoch.
+
+    An epoch's requests are those sent from the end of the previous hook to the end of the
+    epoch's own, so a request that the logger sends on a thread of its own counts too.
 
     Args:
         counter: Counter of the requests of this process, see ``count_http_requests``.
@@ -68,6 +74,7 @@ class TimedEpochLogger(EpochLogger):
         self.epochs: dict[int, Cost] = {}
         self.n_epoch_metrics = 0
         self.end: Cost | None = None
+        self._last_count = counter.count
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.start = self._measure(super().on_train_start, trainer)
@@ -80,10 +87,12 @@ class TimedEpochLogger(EpochLogger):
         self.end = self._measure(super().on_train_end, trainer, result)
 
     def _measure(self, hook: Any, *args: Any) -> Cost:
-        requests_before = self.counter.count
         started = time.perf_counter()
         hook(*args)
-        return Cost(time.perf_counter() - started, self.counter.count - requests_before)
+        seconds = time.perf_counter() - started
+        n_requests = self.counter.count - self._last_count
+        self._last_count = self.counter.count
+        return Cost(seconds, n_requests)
 
 
 @dataclass
@@ -99,6 +108,8 @@ class TrackingResult:
     end: Cost
     logging: list[Cost]
     epoch_seconds: list[float]
+    latencies: dict[int, list[float]]
+    """Seconds of each probe ``log_batch`` request, by the number of metrics it carried."""
 
     @property
     def fractions(self) -> list[float]:
@@ -133,6 +144,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--n-epochs", type=int, default=6, help="epochs, counting epoch 1 (default: 6)"
     )
     parser.add_argument(
+        "--probe-requests",
+        type=int,
+        default=10,
+        help="log_batch requests of each size timed after training, on a run of their own"
+        " (default: 10)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's default for this machine)"
     )
     parser.add_argument("--device", default="auto", help="torch device (default: auto)")
@@ -140,13 +158,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny data and 3 epochs, to check the script"
     )
     _services.add_service_arguments(parser)
+
     args = parser.parse_args(argv)
     if _services.check_positive(args.n_epochs, "--n-epochs") < 2:
         raise UsageError(
             f"--n-epochs must be at least 2, got {args.n_epochs}; epoch 1 is not timed"
         )
+    _services.check_positive(args.probe_requests, "--probe-requests")
     if args.quick:
         args.n_epochs = 3
+        args.probe_requests = 2
     return args
 
 
@@ -163,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> TrackingResult:
         experiment = _training.make_experiment(
             args.experiment, options, args.data_dir, Path(folder)
         )
-        with _services.mlflow_tracking(args) as tracking_uri:
-            result = measure(experiment, tracking_uri, args)
+        with _services.mlflow_tracking(args) as tracking:
+            result = measure(experiment, tracking.url, args)
     print_result(result)
     return result
 
@@ -182,6 +203,7 @@ def measure(experiment: Experiment, tracking_uri: str, args: argparse.Namespace)
     scheduler = make_scheduler(
         "dst", data.tasks, lambdas=_training.PAPER_LAMBDAS, beta=_training.PAPER_BETA
     )
+
     study_name = f"benchmark-tracking-{uuid.uuid4().hex[:8]}"
     with _services.count_http_requests() as counter:
         run_creation, run = _create_run(counter, tracking_uri, study_name, experiment, config)
@@ -189,6 +211,8 @@ def measure(experiment: Experiment, tracking_uri: str, args: argparse.Namespace)
         clock = _training.EpochClock()
         Trainer(data, model, scheduler, config, [logger, clock]).fit()
         run.finish()
+    latencies = probe_latency(run, [1, logger.n_epoch_metrics], args.probe_requests)
+
     assert logger.start is not None and logger.end is not None
     timed = range(2, config.n_epochs + 1)
     return TrackingResult(
@@ -200,7 +224,29 @@ def measure(experiment: Experiment, tracking_uri: str, args: argparse.Namespace)
         end=logger.end,
         logging=[logger.epochs[epoch] for epoch in timed],
         epoch_seconds=[clock.seconds[epoch].wall for epoch in timed],
+        latencies=latencies,
     )
+
+
+def probe_latency(
+    run: _training.TrackedRun, sizes: Sequence[int], n_requests: int
+) -> dict[int, list[float]]:
+    """Time ``n_requests`` ``log_batch`` requests of each size on a new run of the experiment.
+
+    The sizes alternate, so that drift in the machine's load reaches each of them. The run
+    ends FINISHED.
+    """
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
+    probe_run_id = run.client.create_run(experiment_id, run_name="latency probe").info.run_id
+    latencies: dict[int, list[float]] = {size: [] for size in sizes}
+    for step in range(n_requests):
+        for size in sizes:
+            values = {f"probe_{index}": 0.5 for index in range(size)}
+            started = time.perf_counter()
+            log_metrics(run.client, probe_run_id, values, step)
+            latencies[size].append(time.perf_counter() - started)
+    run.client.set_terminated(probe_run_id, FINISHED)
+    return latencies
 
 
 def _create_run(
@@ -249,6 +295,13 @@ def print_result(result: TrackingResult) -> None:
     ]
     rows = [[name, f"{1000 * cost.seconds:.0f}", cost.requests] for name, cost in once]
     _services.print_table(["once per run", "time (ms)", "HTTP requests"], rows)
+    rows = [
+        [size, len(seconds), f"{1000 * _services.median(seconds):.1f}"]
+        + [f"{1000 * min(seconds):.1f}", f"{1000 * max(seconds):.1f}"]
+        for size, seconds in result.latencies.items()
+    ]
+    header = ["metrics per log_batch", "requests", "median (ms)", "min (ms)", "max (ms)"]
+    _services.print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Benchmark the trainer's overhead: an epoch through ``Trainer`` against a hand-written loop.
 
 For each experiment the script trains one model with the ``mtl`` scheduler through
-``Trainer.fit``, logging every epoch to an MLflow server, and a copy of the same model with
-the same data, batch size and seed through :class:`BaselineLoop`, a plain PyTorch epoch
-with every task on. Both run in this process with the same torch threads. Their epochs
+``Trainer.fit``, which logs every epoch to an MLflow server. It trains a copy of the same
+model with the same data, batch size and seed through ``BaselineLoop``, a plain PyTorch
+epoch with every task on. Both run in this process with the same torch threads. Their epochs
 alternate (trainer epoch k, then baseline epoch k), so drift in the machine's load reaches
 both. Epoch 1, the trainer's loss-estimation pass, is not timed, and the first training
 epoch of each is a warm-up. Each timed epoch covers the training pass and the evaluation of
@@ -30,15 +30,23 @@ import _services
 import _training
 import torch
 
+from dst._experiment import Experiment
 from dst._scheduler import make_scheduler
 from dst._tracking import EpochLogger
-from dst._trainer import EpochRecord, TrainConfig, Trainer, resolve_config, seed_everything
+from dst._trainer import (
+    EpochRecord,
+    TrainConfig,
+    Trainer,
+    resolve_config,
+    resolve_device,
+    seed_everything,
+)
 
 TARGET_RATIO = 1.05
 EXPERIMENTS = ("shapes", "omniglot")
 QUICK_OPTIONS: dict[str, dict[str, Any]] = {
     "shapes": {"n_samples": 120, "image_size": 16, "width": 4},
-    "omniglot": {},
+    "omniglot": {"width": 4},
 }
 """Experiment options of ``--quick``: data and models small enough for a smoke test."""
 
@@ -102,6 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny data and 1 timed epoch, to check the script"
     )
     _services.add_service_arguments(parser)
+
     args = parser.parse_args(argv)
     _services.check_positive(args.repeats, "--repeats")
     if args.quick:
@@ -119,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, OverheadResult]:
     _services.print_header("trainer overhead", Path(__file__).name, argv)
     results: dict[str, OverheadResult] = {}
     with tempfile.TemporaryDirectory(prefix="dst-overhead-") as folder:
-        with _services.mlflow_tracking(args) as tracking_uri:
+        with _services.mlflow_tracking(args) as tracking:
             for name in names:
                 experiment_options = {
                     **(QUICK_OPTIONS.get(name, {}) if args.quick else {}),
@@ -129,12 +138,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, OverheadResult]:
                 experiment = _training.make_experiment(
                     name, experiment_options, data_dir, Path(folder)
                 )
-                results[name] = measure(experiment, tracking_uri, args)
+                results[name] = measure(experiment, tracking.url, args)
     print_results(results.values())
     return results
 
 
-def measure(experiment: Any, tracking_uri: str, args: argparse.Namespace) -> OverheadResult:
+def measure(experiment: Experiment, tracking_uri: str, args: argparse.Namespace) -> OverheadResult:
     """Train the trainer and the baseline loop side by side and time their epochs."""
     warmup_epochs = 1
     config = resolve_config(
@@ -152,28 +161,23 @@ def measure(experiment: Any, tracking_uri: str, args: argparse.Namespace) -> Ove
     data_text = _training.describe_data(data, int(config.batch_size or 0))
     print(f"{experiment.name}: {data_text}")
 
-    baseline_model = copy.deepcopy(model)
+    baseline = _training.BaselineLoop(
+        data,
+        copy.deepcopy(model),
+        float(config.lr or 0.0),
+        int(config.batch_size or 0),
+        resolve_device(config.device),
+        config.seed,
+    )
+    baseline_seconds: dict[int, _services.Reading] = {}
+
+    def run_baseline_epoch(trainer: Trainer, record: EpochRecord) -> None:
+        if record.epoch > 1:
+            baseline_seconds[record.epoch] = baseline.run_epoch(trainer.task_weights)
+
     scheduler = make_scheduler("mtl", data.tasks, seed=config.seed)
     study_name = f"benchmark-trainer-overhead-{uuid.uuid4().hex[:8]}"
     run = _training.create_tracked_run(tracking_uri, study_name, experiment, config, "mtl")
-    baseline_seconds: dict[int, _services.Reading] = {}
-    baseline: _training.BaselineLoop | None = None
-
-    def run_baseline_epoch(trainer: Trainer, record: EpochRecord) -> None:
-        nonlocal baseline
-        if record.epoch == 1:
-            return
-        if baseline is None:
-            baseline = _training.BaselineLoop(
-                data,
-                baseline_model,
-                float(config.lr or 0.0),
-                int(config.batch_size or 0),
-                trainer.device,
-                config.seed,
-            )
-        baseline_seconds[record.epoch] = baseline.run_epoch(trainer.task_weights)
-
     clock = _training.EpochClock(between_epochs=run_baseline_epoch)
     callbacks = [EpochLogger(run.client, run.run_id, run.tree), clock]
     Trainer(data, model, scheduler, config, callbacks).fit()

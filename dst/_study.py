@@ -38,7 +38,7 @@ import optuna
 import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from dst import _tracking
@@ -127,6 +127,8 @@ def create_study(
         _store_config(study, config, tracking_uri if store_tracking_uri else None)
         n_enqueued, n_existing = _enqueue_rows(study, config)
         parent_run_id = ensure_parent_run(client, study, config)
+        # Close the pooled connections now; the study reconnects if it is used again.
+        storage.engine.dispose()
     _logger.info(
         "study %s in %s: %d rows enqueued, %d already there, n_trials %d; MLflow %s, parent"
         " run %s",
@@ -265,8 +267,10 @@ def trial_row(config: StudyConfig, trial: optuna.Trial) -> Row:
         row = Row.from_dict(stored)
         # Suggest the fixed params too, so they are recorded for the sampler.
         for name in row_params(config, row):
-            low, high = (LAMBDA_RAW_LOW, 1.0) if name.startswith("u_") else config.search_beta
-            trial.suggest_float(name, low, high)
+            if name.startswith("u_"):
+                trial.suggest_float(name, LAMBDA_RAW_LOW, 1.0)
+            elif config.search_beta is not None:
+                trial.suggest_float(name, *config.search_beta)
         return row
     row = config.defaults
     lambdas = sample_lambdas(trial) if config.search_lambdas else row.lambdas
@@ -346,8 +350,8 @@ class WorkerContext:
 
     settings: WorkerSettings
     study: optuna.Study
-    storage: Any
-    """Optuna's storage of ``study``, which records the heartbeats of running trials."""
+    storage: RDBStorage
+    """Optuna's storage of ``study``, which also records the heartbeats of running trials."""
     config: StudyConfig
     tracking_uri: str
     client: MlflowClient
@@ -468,7 +472,7 @@ def open_worker(settings: WorkerSettings) -> WorkerContext:
     """
     check_storage(settings.storage_url, must_exist=True)
     stale_handler = StaleTrialHandler(settings.max_retry)
-    study = load_study(settings, stale_handler)
+    study, storage = load_study(settings, stale_handler)
     config = StudyConfig.from_dict(study.user_attrs[CONFIG_ATTR])
     if settings.data_dir is not None:
         options = {**config.options, DATA_DIR_OPTION: settings.data_dir}
@@ -489,7 +493,7 @@ def open_worker(settings: WorkerSettings) -> WorkerContext:
     return WorkerContext(
         settings=settings,
         study=study,
-        storage=study._storage,  # noqa: SLF001 - Optuna exposes no public accessor
+        storage=storage,
         config=config,
         tracking_uri=tracking_uri,
         client=client,
@@ -500,7 +504,9 @@ def open_worker(settings: WorkerSettings) -> WorkerContext:
     )
 
 
-def load_study(settings: WorkerSettings, stale_handler: StaleTrialHandler) -> optuna.Study:
+def load_study(
+    settings: WorkerSettings, stale_handler: StaleTrialHandler
+) -> tuple[optuna.Study, RDBStorage]:
     """Load ``settings.study_name``; an unknown name lists the studies in the storage."""
     where = display_url(settings.storage_url)
     try:
@@ -529,7 +535,7 @@ def load_study(settings: WorkerSettings, stale_handler: StaleTrialHandler) -> op
             f"study {settings.study_name!r} in {where} was not created by 'dst study create';"
             " create a dst study from a study file"
         )
-    return study
+    return study, storage
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -554,7 +560,11 @@ def run_worker(settings: WorkerSettings) -> int:
                 settings.study_name,
                 context.n_run,
             )
-    finish_study(context)
+    try:
+        finish_study(context)
+    finally:
+        # Close the pooled connections now, for callers that go on running.
+        context.storage.engine.dispose()
     return context.n_run
 
 
@@ -562,6 +572,11 @@ def _work(context: WorkerContext) -> None:
     waiting_logged = False
     while True:
         claim = claim_trial(context)
+        if isinstance(claim, optuna.Trial):
+            waiting_logged = False
+            run_claimed_trial(context, claim)
+            context.n_run += 1
+            continue
         if claim == "done":
             return
         if claim == "wait":
@@ -573,10 +588,6 @@ def _work(context: WorkerContext) -> None:
                 )
                 waiting_logged = True
             time.sleep(context.settings.poll_interval)
-            continue
-        waiting_logged = False
-        run_claimed_trial(context, claim)
-        context.n_run += 1
 
 
 def claim_trial(context: WorkerContext) -> optuna.Trial | str:
@@ -622,7 +633,7 @@ def _sigterm_stops_worker() -> Iterator[None]:
 class _Heartbeat:
     """Records the heartbeat of a running trial every ``interval`` seconds on a thread."""
 
-    def __init__(self, storage: Any, trial_id: int, interval: int) -> None:
+    def __init__(self, storage: RDBStorage, trial_id: int, interval: int) -> None:
         self.storage = storage
         self.trial_id = trial_id
         self.interval = interval
@@ -916,7 +927,8 @@ def _checkpoint_dir(context: WorkerContext, trial: optuna.Trial, seed: int) -> P
     root = context.settings.checkpoint_dir
     if root is None:
         return None
-    history = trial.system_attrs.get(_RETRY_HISTORY, [])
+    system_attrs = context.storage.get_trial(trial._trial_id).system_attrs  # noqa: SLF001
+    history = system_attrs.get(_RETRY_HISTORY, [])
     first_attempt = history[0] if history else trial.number
     return root / context.config.name / f"trial-{first_attempt}" / f"seed-{seed}"
 

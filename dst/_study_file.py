@@ -350,21 +350,19 @@ def _resolve_row(
                     f"{where}.{key} applies only to scheduler {needed!r}, but the row's"
                     f" scheduler is {scheduler!r}; remove the key or set scheduler = {needed!r}"
                 )
-    values = {
-        "lambdas": _lambdas(table["lambdas"], f"{where}.lambdas")
-        if "lambdas" in table
-        else base.lambdas,
-        "beta": _number(table["beta"], f"{where}.beta", 0.0, 1.0)
-        if "beta" in table
-        else base.beta,
-        "count_metric": _choice(table["count_metric"], f"{where}.count_metric", COUNT_METRICS)
-        if "count_metric" in table
-        else base.count_metric,
-        "p": _number(table["p"], f"{where}.p", 0.0, 1.0, low_open=True)
-        if "p" in table
-        else base.p,
-    }
-    return Row(label=label, scheduler=scheduler, **values)
+    lambdas = base.lambdas
+    if "lambdas" in table:
+        lambdas = _lambdas(table["lambdas"], f"{where}.lambdas")
+    beta = base.beta
+    if "beta" in table:
+        beta = _number(table["beta"], f"{where}.beta", 0.0, 1.0)
+    count_metric = base.count_metric
+    if "count_metric" in table:
+        count_metric = _choice(table["count_metric"], f"{where}.count_metric", COUNT_METRICS)
+    p = base.p
+    if "p" in table:
+        p = _number(table["p"], f"{where}.p", 0.0, 1.0, low_open=True)
+    return Row(label, scheduler, lambdas, beta, count_metric, p)
 
 
 def _parse_search(search: Mapping[str, Any], defaults: Row) -> tuple[bool, Any]:

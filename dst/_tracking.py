@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,11 +93,17 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
-    """Return the id of the MLflow experiment ``name``, creating it when it does not exist."""
+    """Return the id of the MLflow experiment ``name``, creating it when it does not exist.
+
+    With a SQLite tracking URI the artifacts go to ``mlruns/<name>`` beside the database
+    file, not to MLflow's default ``./mlruns`` in whatever folder the process runs in.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(
+                name, artifact_location=_sqlite_artifact_location(client.tracking_uri, name)
+            )
         except MlflowException as error:
             # Another process created it between the lookup and the creation.
             experiment = client.get_experiment_by_name(name)
@@ -107,6 +115,15 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
             " restore' or give the study another name"
         )
     return experiment.experiment_id
+
+
+def _sqlite_artifact_location(tracking_uri: str, name: str) -> str | None:
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or tracking_uri == f"{prefix}:memory:":
+        return None
+    database = Path(tracking_uri.removeprefix(prefix).split("?", 1)[0]).resolve()
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return (database.parent / "mlruns" / folder).as_uri()
 
 
 def find_parent_run(client: MlflowClient, experiment_id: str, study_name: str) -> str | None:
@@ -527,7 +544,7 @@ def _log_optuna_plots(client: MlflowClient, run_id: str, study: Any) -> None:
             len(sampled),
         )
         return
-    plots = {
+    plots: dict[str, Callable[[Any], Any]] = {
         "optuna/param_importances.html": plot_param_importances,
         "optuna/parallel_coordinate.html": plot_parallel_coordinate,
     }

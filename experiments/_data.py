@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -93,6 +95,17 @@ def _parse_number(value: Any, kind: type[int] | type[float]) -> int | float | No
     if kind is int and not float(value).is_integer():
         return None
     return value
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """Return the seed of the random stream named ``stream`` of ``seed``.
+
+    Generators seeded with the same integer produce the same numbers, so two draws seeded
+    directly with one seed are correlated. Seeds derived for different stream names give
+    independent streams.
+    """
+    entropy = [seed, zlib.crc32(stream.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def draw_labelled(n_samples: int, fraction: float, generator: torch.Generator) -> Tensor:

@@ -216,6 +216,9 @@ class OmniglotModel(MultiTaskModel):
             with the ImageNet mean and standard deviation, as VGG16 weights expect.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self, encoder: nn.Module, image_size: int, n_classes: Sequence[int], imagenet_input: bool
     ) -> None:

@@ -50,7 +50,13 @@ from dst._metrics import (
     pixel_mse,
     pose_mse,
 )
-from experiments._data import TensorTaskDataset, check_fraction, check_int, draw_labelled
+from experiments._data import (
+    TensorTaskDataset,
+    check_fraction,
+    check_int,
+    derive_seed,
+    draw_labelled,
+)
 from experiments._vgg import DenseBranch, EncoderFeatures, EncoderHead, SegNetDecoder, VGGEncoder
 
 _logger = logging.getLogger(__name__)
@@ -205,7 +211,7 @@ def _make_split(images: dict[str, Tensor], rows: slice, labelled_seed: int | Non
     if labelled_seed is None:
         mask = torch.ones(n_samples, len(TASK_NAMES), dtype=torch.bool)
     else:
-        generator = torch.Generator().manual_seed(labelled_seed)
+        generator = torch.Generator().manual_seed(derive_seed(labelled_seed, "labels"))
         columns = [draw_labelled(n_samples, f, generator) for f in LABELLED_FRACTIONS]
         mask = torch.stack(columns, dim=1)
         targets = [_zero_unlabelled(target, mask[:, i]) for i, target in enumerate(targets)]
@@ -227,7 +233,7 @@ def generate_shapes(n_samples: int, image_size: int, seed: int) -> dict[str, Ten
         (0 or 1), ``corners`` ``(4, 3)`` with x, y and presence, and ``pose`` (centre x,
         centre y, size). Lengths are fractions of ``image_size``.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "shapes"))
 
     def uniform(low: float, high: float, *shape: int) -> Tensor:
         return low + (high - low) * torch.rand(*shape, generator=generator)

@@ -20,6 +20,7 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from sqlalchemy.pool import NullPool
 
 from dst._report import build_report
 from dst._study import WorkerSettings, create_study, run_worker
@@ -77,12 +78,14 @@ def runs_by_trial(tracking_uri: str, study_name: str) -> dict[int, object]:
     return {int(run.data.tags["optuna.trial_number"]): run for run in trials}
 
 
-def wait_for_running_trial(storage: str, study_name: str, process: subprocess.Popen, log: Path):
+def wait_for_running_trial(
+    storage: optuna.storages.RDBStorage, study_name: str, process: subprocess.Popen, log: Path
+) -> int:
     """Return the number of the first RUNNING trial that has an MLflow run."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert process.poll() is None, f"worker exited early:\n{log.read_text()[-3000:]}"
-        study = optuna.load_study(study_name=study_name, storage=storage)
         for trial in study.get_trials(states=(TrialState.RUNNING,)):
             if "mlflow_run_id" in trial.user_attrs:
                 return trial.number
@@ -179,7 +182,9 @@ def test_interrupted_and_dead_workers_are_retried(tmp_path, postgres_database):
     # SIGTERM: the trial ends interrupted and is queued again at once.
     log_a = tmp_path / "worker-a.log"
     worker_a = start_dst(worker, tmp_path, log_a)
-    interrupted = wait_for_running_trial(storage, "retried", worker_a, log_a)
+    # One storage for every look, so polling does not open a connection pool per look.
+    polled = optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": NullPool})
+    interrupted = wait_for_running_trial(polled, "retried", worker_a, log_a)
     worker_a.send_signal(signal.SIGTERM)
     assert worker_a.wait(timeout=60) == 130, log_a.read_text()[-3000:]
     assert "interrupted" in log_a.read_text()
@@ -187,21 +192,20 @@ def test_interrupted_and_dead_workers_are_retried(tmp_path, postgres_database):
     # SIGKILL: the trial stops sending heartbeats; the next worker fails and retries it.
     log_b = tmp_path / "worker-b.log"
     worker_b = start_dst([*worker, *fast_heartbeat], tmp_path, log_b)
-    killed = wait_for_running_trial(storage, "retried", worker_b, log_b)
+    killed = wait_for_running_trial(polled, "retried", worker_b, log_b)
     worker_b.kill()
     worker_b.wait()
 
     log_c = tmp_path / "worker-c.log"
     worker_c = start_dst([*worker, *fast_heartbeat], tmp_path, log_c)
     assert worker_c.wait(timeout=300) == 0, log_c.read_text()[-3000:]
-    assert "stopped sending heartbeats" in log_c.read_text()
+    assert "stopped sending heartbeats" in log_c.read_text(), log_c.read_text()[-3000:]
 
-    study = optuna.load_study(study_name="retried", storage=storage)
+    study = optuna.load_study(study_name="retried", storage=polled)
     trials = {trial.number: trial for trial in study.get_trials()}
-    assert Counter(trial.state for trial in trials.values()) == {
-        TrialState.FAIL: 2,
-        TrialState.COMPLETE: 2,
-    }
+    logs = "\n".join(log.read_text()[-2000:] for log in (log_a, log_b, log_c))
+    states = Counter(trial.state for trial in trials.values())
+    assert states == {TrialState.FAIL: 2, TrialState.COMPLETE: 2}, logs
     assert trials[interrupted].state == TrialState.FAIL
     assert trials[killed].state == TrialState.FAIL
     complete = [t for t in trials.values() if t.state == TrialState.COMPLETE]
@@ -239,7 +243,7 @@ def test_study_run_uses_sqlite_defaults(tmp_path):
         study="n_trials = 3\n        n_epochs = 2",
     )
     result = subprocess.run(
-        [sys.executable, "-m", "dst", "study", "run", path.name],
+        [sys.executable, "-m", "dst", "study", "run", path.name, "--checkpoint-dir", "ckpt"],
         cwd=tmp_path,
         env=dst_env(),
         capture_output=True,
@@ -249,6 +253,7 @@ def test_study_run_uses_sqlite_defaults(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "dst-studies.db").is_file()
     assert (tmp_path / "mlflow.db").is_file()
+    assert (tmp_path / "ckpt" / "laptop" / "trial-0" / "seed-0" / "last.pt").is_file()
     for label in ("traditional MTL", "STL", "trial 2"):
         assert label in result.stdout
 

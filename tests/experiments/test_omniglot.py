@@ -272,7 +272,7 @@ def test_demo_data_loads(tmp_path: Path) -> None:
 
 def test_training_on_demo_lowers_validation_error(tmp_path: Path) -> None:
     options = OmniglotExperiment.demo(tmp_path)
-    experiment = OmniglotExperiment(**options, width=8)
+    experiment = OmniglotExperiment(**options, width=8, image_size=16)
     config = TrainConfig(n_epochs=5, device="cpu", seed=0)
     _, result = train_experiment(experiment, "dst", config)
     errors = np.array([record.val_avg_error for record in result.records])
