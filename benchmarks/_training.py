@@ -9,7 +9,7 @@ split once. It reads its loss sums once per epoch, as the trainer does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dst._errors import UsageError
-from dst._experiment import Experiment, ExperimentData, MultiTaskModel, create_experiment
+from dst._experiment import (
+    Experiment,
+    ExperimentData,
+    MultiTaskModel,
+    create_experiment,
+    resolve_experiment,
+)
 from dst._names import TAG_RUN_TYPE, TAG_STUDY_NAME
 from dst._tracking import FINISHED, RunSpec, RunTree, get_or_create_experiment
 from dst._train_cli import parse_value
@@ -57,8 +63,6 @@ def make_experiment(
     An experiment with a ``data_dir`` option and no ``data_dir`` given gets its generated
     demo data, written under ``folder``.
     """
-    from dst._experiment import resolve_experiment
-
     experiment_class = resolve_experiment(name)
     resolved = dict(options)
     if DATA_DIR_OPTION in experiment_class.defaults and DATA_DIR_OPTION not in resolved:
@@ -74,9 +78,10 @@ def make_experiment(
 
 def describe_data(data: ExperimentData, batch_size: int) -> str:
     """Return the split sizes, the number of tasks and the batch size as text."""
+    sizes = [len(split) for split in (data.train, data.validation, data.test)]  # type: ignore[arg-type]
     return (
-        f"{len(data.train)} train, {len(data.validation)} validation, {len(data.test)} test"  # type: ignore[arg-type]
-        f" samples, {len(data.tasks)} tasks, batch {batch_size}"
+        f"{sizes[0]} train, {sizes[1]} validation, {sizes[2]} test samples,"
+        f" {len(data.tasks)} tasks, batch {batch_size}"
     )
 
 
@@ -137,7 +142,7 @@ class EpochClock(Callback):
     ``between_epochs`` runs after each epoch, outside both epochs' times.
     """
 
-    between_epochs: Any = None
+    between_epochs: Callable[[Trainer, EpochRecord], None] | None = None
     seconds: dict[int, Reading] = field(default_factory=dict)
     _started: Reading = Reading(0.0, 0.0)
 
@@ -191,7 +196,7 @@ class BaselineLoop:
         self.last_errors: list[list[float]] = []
 
     def run_epoch(self, weights: Tensor) -> Reading:
-        """Train one epoch with task weights ``weights`` and evaluate both splits; time it."""
+        """Train one epoch with task weights ``weights``, evaluate both splits, return the time."""
         synchronize(self.device)
         started = Reading.now()
         self.last_losses = self.train(weights.to(self.device))

@@ -267,6 +267,7 @@ def print_result(result: TrackingResult) -> None:
     """Print the per-epoch figures against the target, then the once-per-run costs."""
     fraction = _services.median(result.fractions)
     logging_ms = 1000 * _services.median([cost.seconds for cost in result.logging])
+
     header = [
         "experiment",
         "timed epochs",
@@ -288,18 +289,31 @@ def print_result(result: TrackingResult) -> None:
     ]
     _services.print_table(header, [row])
     print(f"metrics per epoch request: {result.n_metrics}")
+
     once = [
-        ["run creation (run, params, config.json)", result.run_creation],
-        ["training start (tags)", result.start],
-        ["training end (summary, epochs.csv, figure6.png)", result.end],
+        ("run creation (run, params, config.json)", result.run_creation),
+        ("training start (tags)", result.start),
+        ("training end (summary, epochs.csv, figure6.png)", result.end),
     ]
     rows = [[name, f"{1000 * cost.seconds:.0f}", cost.requests] for name, cost in once]
     _services.print_table(["once per run", "time (ms)", "HTTP requests"], rows)
-    rows = [
-        [size, len(seconds), f"{1000 * _services.median(seconds):.1f}"]
-        + [f"{1000 * min(seconds):.1f}", f"{1000 * max(seconds):.1f}"]
-        for size, seconds in result.latencies.items()
-    ]
+    _print_latencies(result.latencies)
+
+
+def _print_latencies(latencies: dict[int, list[float]]) -> None:
+    """Print the median, minimum and maximum time of the probe requests of each size."""
+    rows = []
+    for size, seconds in latencies.items():
+        milliseconds = [1000 * value for value in seconds]
+        rows.append(
+            [
+                size,
+                len(milliseconds),
+                f"{_services.median(milliseconds):.1f}",
+                f"{min(milliseconds):.1f}",
+                f"{max(milliseconds):.1f}",
+            ]
+        )
     header = ["metrics per log_batch", "requests", "median (ms)", "min (ms)", "max (ms)"]
     _services.print_table(header, rows)
 

@@ -7,9 +7,9 @@ epoch with every task on. Both run in this process with the same torch threads. 
 alternate (trainer epoch k, then baseline epoch k), so drift in the machine's load reaches
 both. Epoch 1, the trainer's loss-estimation pass, is not timed, and the first training
 epoch of each is a warm-up. Each timed epoch covers the training pass and the evaluation of
-the validation and the test split; the trainer's also covers the scheduler step and the
-MLflow request of the epoch. The ratio is the median over epochs of trainer time over
-baseline time; the target is at most 1.05.
+the validation and the test split. The trainer's epoch also covers the scheduler step and
+the MLflow request of the epoch. The ratio is the median over epochs of trainer time over
+baseline time, and the target is at most 1.05.
 
     python benchmarks/trainer_overhead.py
     python benchmarks/trainer_overhead.py --omniglot-data PATH/images_background.zip

@@ -4,17 +4,19 @@ The study lock (see :mod:`dst._study_storage`) serialises the few steps that mus
 interleave across workers and machines: creating the study and enqueueing its rows,
 creating the MLflow parent run, and claiming a trial. Claiming under the lock is how the
 study runs exactly ``n_trials``. A worker first fails stale trials (heartbeats), then counts
-the trials, then asks Optuna for the next one, which pops the oldest enqueued row or
+the trials, then calls Optuna's ``ask()``, which pops the oldest enqueued row or
 samples a new trial. Optuna's ``MaxTrialsCallback`` is not used, because it stops a worker
 only after its trial ends, so concurrent workers overshoot the budget.
 
 Budget. ``n_trials`` counts COMPLETE, PRUNED and FAILED trials, except failed ones that
-were queued again. Three kinds of failed trial are queued again: a trial whose worker
+were queued again. Four kinds of failed trial are queued again: a trial whose worker
 stopped sending heartbeats (retried by Optuna's ``RetryFailedTrialCallback``), a trial
-interrupted by SIGTERM or Ctrl-C, and a trial that hit a usage error on one worker (a
-missing data folder, say). A diverged trial (NaN loss) counts and is not retried. Running
-trials count too while they run, so a worker never starts a trial that the budget has no
-room for. It waits instead, in case a running trial is retried.
+interrupted by SIGTERM or Ctrl-C, a trial that hit a usage error on one worker (a
+missing data folder, say), and a trial whose worker stopped because the tracking server
+did not answer. A retried trial resumes from the last epoch checkpoint of its first
+attempt when the workers share a ``--checkpoint-dir``. A diverged trial (NaN loss) counts
+and is not retried. Running trials count too while they run, so a worker never starts a
+trial that the budget has no room for. It waits instead, in case a running trial is retried.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from dst._study_storage import (
     study_lock,
 )
 from dst._trainer import (
+    CHECKPOINT_NAME,
     Callback,
     EpochRecord,
     TrainConfig,
@@ -160,7 +163,17 @@ def check_experiment(config: StudyConfig) -> Experiment:
                 f"data folder {str(data_dir)!r} of study {config.name!r} does not exist;"
                 " pass the right --data-dir PATH"
             )
-    return create_experiment(config.experiment, config.options)
+        if Path(data_dir).is_dir() and not any(Path(data_dir).iterdir()):
+            raise UsageError(
+                f"data folder {str(data_dir)!r} of study {config.name!r} is empty;"
+                " pass the folder that contains the experiment's data as --data-dir PATH"
+            )
+    experiment = create_experiment(config.experiment, config.options)
+    # An experiment may check the layout of its data without loading it.
+    check_data = getattr(experiment, "check_data", None)
+    if callable(check_data):
+        check_data()
+    return experiment
 
 
 def _store_config(study: optuna.Study, config: StudyConfig, tracking_uri: str | None) -> None:
@@ -325,6 +338,9 @@ class WorkerSettings:
         grace_period: Seconds without a heartbeat after which a trial counts as stale.
         max_retry: Times a stale trial is queued again.
         poll_interval: Seconds between looks at a study whose last trials run elsewhere.
+        spool_dir: Folder of the epochs kept while the tracking server does not answer.
+        outage_limit_s: Seconds of training without the tracking server before the worker
+            stops.
     """
 
     study_name: str
@@ -338,6 +354,8 @@ class WorkerSettings:
     grace_period: int = 120
     max_retry: int = 3
     poll_interval: float = 5.0
+    spool_dir: Path = Path("dst-mlflow-spool")
+    outage_limit_s: float = _tracking.DEFAULT_OUTAGE_LIMIT_S
 
 
 class WorkerStopped(KeyboardInterrupt):
@@ -681,7 +699,7 @@ def run_claimed_trial(context: WorkerContext, trial: optuna.Trial) -> None:
         except (DivergedError, _TrialFailed) as error:
             _fail_trial(context, trial, tree, error, requeue=False)
             return
-        except (KeyboardInterrupt, UsageError) as error:
+        except (KeyboardInterrupt, UsageError, _tracking.TrackingUnavailable) as error:
             _fail_trial(context, trial, tree, error, requeue=True)
             raise
         except Exception as error:
@@ -711,7 +729,13 @@ def _fail_trial(
 ) -> None:
     reason = f"{type(error).__name__}: {error}"
     interrupted = isinstance(error, KeyboardInterrupt)
-    tree.end_open(_tracking.KILLED if interrupted else _tracking.FAILED, reason)
+    status = _tracking.KILLED if interrupted else _tracking.FAILED
+    if isinstance(error, _tracking.TrackingUnavailable) and error.spool_path is not None:
+        # The server does not answer, so 'dst replay' ends the runs after their epochs.
+        _tracking.keep_run_ends(error.spool_path, tree.open_runs, status, reason)
+        tree.open_runs.clear()
+    else:
+        tree.end_open(status, reason)
     trial.set_user_attr(FAIL_REASON_ATTR, reason)
     frozen = context.study.tell(trial, state=TrialState.FAIL)
     if isinstance(error, (DivergedError, _TrialFailed)):
@@ -848,20 +872,25 @@ def train_seed(
     if row.scheduler == "stl":
         return train_stl_seed(context, tree, row, seed_index, run_id)
     config = context.config
-    logger = _tracking.EpochLogger(context.client, run_id, tree)
+    delivery = _tracking.Delivery(
+        context.client, context.settings.spool_dir, context.settings.outage_limit_s
+    )
+    logger = _tracking.EpochLogger(context.client, run_id, tree, delivery=delivery)
     callbacks: list[Callback] = [logger, _TaskNamesCallback(context)]
     if config.pruner != "none":
         callbacks.append(_PruningCallback(trial, seed_index * config.n_epochs))
     seed = config.seeds[seed_index]
+    checkpoint_dir = _checkpoint_dir(context, trial, seed)
     train_experiment(
         context.experiment,
         row.scheduler,
-        train_config(context, seed, _checkpoint_dir(context, trial, seed)),
+        train_config(context, seed, checkpoint_dir),
         lambdas=row.lambdas,
         beta=row.beta,
         count_metric=row.count_metric,
         p=row.p,
         callbacks=callbacks,
+        resume_from=_resume_path(context, trial, checkpoint_dir),
     )
     assert logger.summary is not None
     return logger.summary
@@ -921,16 +950,43 @@ def train_config(context: WorkerContext, seed: int, checkpoint_dir: Path | None)
 def _checkpoint_dir(context: WorkerContext, trial: optuna.Trial, seed: int) -> Path | None:
     """Return the checkpoint folder of one seed, keyed by the trial's first attempt.
 
-    TODO: resume a retried trial from this folder; today each attempt starts at epoch 1
-    and overwrites the checkpoints of the failed attempt.
+    Every attempt of a retried trial uses the folder of the first attempt, so a retry on
+    any worker that sees the same ``--checkpoint-dir`` finds the checkpoints of the failed
+    attempt.
     """
     root = context.settings.checkpoint_dir
     if root is None:
         return None
+    first_attempt = _retry_history(context, trial)[:1] or [trial.number]
+    return root / context.config.name / f"trial-{first_attempt[0]}" / f"seed-{seed}"
+
+
+def _retry_history(context: WorkerContext, trial: optuna.Trial) -> list[int]:
+    """Return the numbers of the earlier attempts of ``trial``, oldest first."""
     system_attrs = context.storage.get_trial(trial._trial_id).system_attrs  # noqa: SLF001
-    history = system_attrs.get(_RETRY_HISTORY, [])
-    first_attempt = history[0] if history else trial.number
-    return root / context.config.name / f"trial-{first_attempt}" / f"seed-{seed}"
+    return list(system_attrs.get(_RETRY_HISTORY, []))
+
+
+def _resume_path(
+    context: WorkerContext, trial: optuna.Trial, checkpoint_dir: Path | None
+) -> Path | None:
+    """Return the last checkpoint of a failed attempt of ``trial``, None to start at epoch 1.
+
+    Only a retried trial resumes. A first attempt that finds a checkpoint (left by an
+    earlier study of the same name) starts at epoch 1 and overwrites it.
+    """
+    if checkpoint_dir is None:
+        return None
+    path = checkpoint_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    if not _retry_history(context, trial):
+        _logger.warning(
+            "trial %d: overwriting the checkpoint %s of an earlier study", trial.number, path
+        )
+        return None
+    _logger.info("trial %d resumes from its failed attempt's checkpoint %s", trial.number, path)
+    return path
 
 
 # End of the study.

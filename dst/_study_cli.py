@@ -1,10 +1,13 @@
-"""The ``dst study create``, ``dst study run``, ``dst worker`` and ``dst report`` commands."""
+"""The ``dst study create``, ``dst study run``, ``dst worker``, ``dst replay`` and ``dst report``
+commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,18 @@ def add_parsers(commands: Any) -> None:
     _add_training_arguments(worker)
     _add_heartbeat_arguments(worker)
     worker.set_defaults(handler=run_worker_command)
+
+    replay = commands.add_parser(
+        "replay",
+        help="send the epochs a worker kept on disk while MLflow did not answer",
+        description="Send the per-epoch metrics that a worker kept in a spool file while the"
+        " MLflow tracking server did not answer, in order, then delete the file.",
+    )
+    replay.add_argument("file", type=Path, help="spool file, such as dst-mlflow-spool/RUN.jsonl")
+    replay.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the URI stored in the file)"
+    )
+    replay.set_defaults(handler=run_replay)
 
     report = commands.add_parser(
         "report",
@@ -149,6 +164,20 @@ def _add_heartbeat_arguments(parser: argparse.ArgumentParser) -> None:
         " queues it again (default: 120)",
     )
     parser.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=Path("dst-mlflow-spool"),
+        help="folder of the epochs kept while the MLflow server does not answer"
+        " (default: dst-mlflow-spool)",
+    )
+    parser.add_argument(
+        "--outage-limit",
+        type=int,
+        default=600,
+        help="seconds of training while the MLflow server does not answer, after which the"
+        " worker stops (default: 600)",
+    )
+    parser.add_argument(
         "--max-retry",
         type=int,
         default=3,
@@ -202,6 +231,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
     """Handle ``dst worker``."""
     from dst._study import WorkerSettings, run_worker
     from dst._study_storage import resolve_storage_url
+    from dst._tracking import TrackingUnavailable
 
     settings = WorkerSettings(
         study_name=args.study,
@@ -214,13 +244,28 @@ def run_worker_command(args: argparse.Namespace) -> int:
         heartbeat_interval=_positive(args.heartbeat_interval, "--heartbeat-interval"),
         grace_period=_positive(args.grace_period, "--grace-period"),
         max_retry=_non_negative(args.max_retry, "--max-retry"),
+        spool_dir=args.spool_dir,
+        outage_limit_s=_positive(args.outage_limit, "--outage-limit"),
     )
     if settings.grace_period <= settings.heartbeat_interval:
         raise UsageError(
             f"--grace-period {settings.grace_period} must exceed --heartbeat-interval"
             f" {settings.heartbeat_interval}; use at least twice the interval"
         )
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except TrackingUnavailable as error:
+        print(f"dst worker: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Handle ``dst replay``."""
+    from dst._tracking import replay_spool
+
+    n_sent = replay_spool(args.file, args.tracking_uri)
+    print(f"sent {n_sent} epochs of {args.file}")
     return 0
 
 

@@ -1,5 +1,8 @@
 """Optuna storage: URLs, connection checks, the study lock and the bounded connection pool.
 
+Every storage call and the study lock retry with backoff when the database connection
+drops, so workers outlive a database restart of up to about 15 s.
+
 Each process opens the storage with ``pool_pre_ping`` and a pool of :data:`POOL_SIZE`
 connections plus :data:`MAX_OVERFLOW` overflow ones. While it holds the study lock it opens
 one more connection for the lock itself, a PostgreSQL advisory lock. On SQLite the lock is
@@ -9,17 +12,19 @@ an ``flock`` on ``<database>.lock`` and needs no connection. So a worker opens a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import ExperimentalWarning, StorageInternalError
 from optuna.storages import RDBStorage
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
@@ -179,15 +184,33 @@ def study_lock(url: str, study_name: str) -> Iterator[None]:
     key -= 1 << 63  # into PostgreSQL's signed bigint range
     engine = sqlalchemy.create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            try:
-                yield
-            finally:
-                unlock = sqlalchemy.text("SELECT pg_advisory_unlock(:key)")
-                connection.execute(unlock, {"key": key})
+        connection = retry_on_disconnect("study_lock", lambda: _advisory_lock(engine, key))
+        try:
+            yield
+        finally:
+            _advisory_unlock(connection, key, study_name)
     finally:
         engine.dispose()
+
+
+def _advisory_lock(engine: sqlalchemy.Engine, key: int) -> sqlalchemy.Connection:
+    connection = engine.connect()
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _advisory_unlock(connection: sqlalchemy.Connection, key: int, study_name: str) -> None:
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        # PostgreSQL drops a session's advisory locks with its connection.
+        _logger.warning("lock of study %s ended with its connection: %s", study_name, error)
+    finally:
+        connection.close()
 
 
 @contextmanager
@@ -200,6 +223,102 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+RECONNECT_ATTEMPTS = 6
+"""Tries of one storage call when the database connection drops: 1 + 5 retries."""
+_RECONNECT_FIRST_DELAY_S = 0.5
+_RECONNECT_MAX_DELAY_S = 8.0
+_RETRIED_METHODS = (
+    "create_new_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+)
+
+
+def _is_disconnect(error: BaseException) -> bool:
+    """Return whether ``error`` is a dropped or refused database connection."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated:
+            return True
+        if isinstance(cause, sqlalchemy.exc.OperationalError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def retry_on_disconnect(name: str, call: Callable[[], Any]) -> Any:
+    """Run ``call``, retrying with exponential backoff while the database connection drops.
+
+    Raises the last error after :data:`RECONNECT_ATTEMPTS` tries (about 15 s of waiting).
+    """
+    delay = _RECONNECT_FIRST_DELAY_S
+    for attempt in range(1, RECONNECT_ATTEMPTS + 1):
+        try:
+            return call()
+        except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as error:
+            if attempt == RECONNECT_ATTEMPTS or not _is_disconnect(error):
+                raise
+            _logger.warning(
+                "study storage call %s lost its connection (attempt %d of %d): %s; retrying"
+                " in %.1f s",
+                name,
+                attempt,
+                RECONNECT_ATTEMPTS,
+                str(error.__cause__ or error).splitlines()[0],
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, _RECONNECT_MAX_DELAY_S)
+    raise AssertionError("unreachable")
+
+
+class ReconnectingStorage(RDBStorage):
+    """Optuna's RDB storage whose calls survive a database restart.
+
+    The engine pre-pings each pooled connection. A call whose connection drops while it
+    runs is retried by :func:`retry_on_disconnect`.
+
+    NOTE: a write whose commit reached the server just before the connection dropped runs
+    again on retry. Optuna's writes are updates of one row, so a repeat is harmless, except
+    ``create_new_trial``, which could add a second trial.
+    """
+
+
+def _wrap_retried(method_name: str) -> None:
+    method = getattr(RDBStorage, method_name)
+
+    @functools.wraps(method)
+    def retried(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return retry_on_disconnect(method_name, lambda: method(self, *args, **kwargs))
+
+    setattr(ReconnectingStorage, method_name, retried)
+
+
+for _method_name in _RETRIED_METHODS:
+    _wrap_retried(_method_name)
 
 
 def open_storage(
@@ -221,7 +340,7 @@ def open_storage(
         engine_kwargs["connect_args"] = {"timeout": 60}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(
+        return ReconnectingStorage(
             url,
             engine_kwargs=engine_kwargs,
             skip_table_creation=not create_tables,

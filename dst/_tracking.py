@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -384,8 +386,13 @@ class EpochLogger(Callback):
     Each epoch is one ``log_batch`` request with every metric of the epoch. At the end of
     training it logs the best-epoch metrics, ``epochs.csv`` and ``figure6.png``.
 
-    NOTE: an MLflow error while logging fails the trial. Metrics are not yet buffered to a
-    local file while the tracking server is unreachable.
+    Each epoch goes through a :class:`Delivery`, so an unreachable tracking server does not
+    stop training: the epoch is kept on local disk and sent, in order, once the server
+    answers again.
+
+    NOTE: only the per-epoch metrics are kept locally. Creating and ending runs, the
+    summary metrics and the artifacts still need the server; the end of training first
+    waits for the server with backoff, up to the delivery's outage limit.
     """
 
     def __init__(
@@ -394,11 +401,13 @@ class EpochLogger(Callback):
         run_id: str,
         tree: RunTree,
         task_index: int | None = None,
+        delivery: Delivery | None = None,
     ) -> None:
         self.client = client
         self.run_id = run_id
         self.tree = tree
         self.task_index = task_index
+        self.delivery = delivery
         self.task_names: list[str] = []
         self.keys: list[str] = []
         self.summary: RunSummary | None = None
@@ -416,15 +425,251 @@ class EpochLogger(Callback):
             self.on_epoch_end(trainer, record)
 
     def on_epoch_end(self, trainer: Trainer, record: EpochRecord) -> None:
-        log_metrics(self.client, self.run_id, epoch_metrics(record, self.keys), record.epoch)
+        values = epoch_metrics(record, self.keys)
+        if self.delivery is None:
+            log_metrics(self.client, self.run_id, values, record.epoch)
+            return
+        self.delivery.log_metrics(self.run_id, values, record.epoch)
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        if self.delivery is not None:
+            self.delivery.drain()
         self.summary = summarize(result, self.task_index)
         log_metrics(self.client, self.run_id, summary_metrics(self.summary, self.keys), 0)
         rows = [record.as_dict(self.keys) for record in result.records]
         self.client.log_text(self.run_id, pd.DataFrame(rows).to_csv(index=False), "epochs.csv")
         figure = figure6(result.records, self.task_names)
         self.client.log_figure(self.run_id, figure, "figure6.png")
+
+
+DEFAULT_OUTAGE_LIMIT_S = 600.0
+"""Seconds a worker trains on while the tracking server does not answer, by default."""
+_FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_MAX_BACKOFF_S = 30.0
+_UNAVAILABLE_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within the outage limit; the epochs are on disk.
+
+    ``spool_path`` is the file that ``dst replay`` sends.
+    """
+
+    def __init__(self, message: str, spool_path: Path | None) -> None:
+        super().__init__(message)
+        self.spool_path = spool_path
+
+
+def keep_run_ends(path: Path, run_ids: Sequence[str], status: str, reason: str) -> None:
+    """Append to the spool file at ``path`` the end of ``run_ids`` with ``status``.
+
+    ``dst replay`` ends those runs after sending their epochs, so no run stays RUNNING.
+    """
+    with open(path, "a", encoding="utf-8") as file:
+        for run_id in run_ids:
+            record = {"run_id": run_id, "status": status, "reason": reason[:_MAX_FAIL_REASON]}
+            file.write(json.dumps(record) + "\n")
+
+
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    """Make MLflow's HTTP client fail at once instead of retrying for minutes.
+
+    MLflow 3 reads these variables on every request; :class:`Delivery` retries itself.
+    """
+    previous = {name: os.environ.get(name) for name in _FAIL_FAST_ENV}
+    os.environ.update(_FAIL_FAST_ENV)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _is_unavailable(error: Exception) -> bool:
+    if isinstance(error, MlflowException):
+        return error.error_code in _UNAVAILABLE_CODES
+    return isinstance(error, OSError)
+
+
+class Delivery:
+    """Per-epoch metrics of a worker, sent at once or kept in a local file until they can be.
+
+    While the server answers, each epoch is one ``log_batch`` request. When a request fails
+    because the server does not answer, the epoch and every later one are appended to
+    ``<spool_dir>/<run id>.jsonl`` and training goes on. Each later epoch first sends the
+    kept epochs in order. After ``outage_limit_s`` seconds without an answer,
+    :class:`TrackingUnavailable` stops the worker; ``dst replay FILE`` sends the file later.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        spool_dir: Path,
+        outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
+    ) -> None:
+        self.client = client
+        self.spool_dir = Path(spool_dir)
+        self.outage_limit_s = outage_limit_s
+        self.pending: list[dict[str, Any]] = []
+        self.spool_path: Path | None = None
+        self.down_since: float | None = None
+
+    def log_metrics(self, run_id: str, values: Mapping[str, float], step: int) -> None:
+        """Send one epoch's metrics, or keep them on disk while the server does not answer."""
+        timestamp = int(time.time() * 1000)
+        batch = {
+            "run_id": run_id,
+            "metrics": [[key, float(value), timestamp, step] for key, value in values.items()],
+        }
+        if not self.pending:
+            if self._try_send(batch):
+                return
+            self._keep(batch)
+        else:
+            self._keep(batch)
+            if self._flush():
+                return
+        self._check_outage()
+
+    def drain(self) -> None:
+        """Send every kept epoch, retrying with exponential backoff up to the outage limit."""
+        delay = 1.0
+        while self.pending and not self._flush():
+            self._check_outage()
+            _logger.warning(
+                "MLflow server %s does not answer; %d epochs kept in %s, retrying in %.0f s",
+                self.client.tracking_uri,
+                len(self.pending),
+                self.spool_path,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_BACKOFF_S)
+
+    def _try_send(self, batch: Mapping[str, Any]) -> bool:
+        try:
+            with _fail_fast():
+                send_batch(self.client, batch)
+        except (MlflowException, OSError) as error:
+            if not _is_unavailable(error):
+                raise
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+            _logger.warning(
+                "MLflow server %s does not answer: %s", self.client.tracking_uri, error
+            )
+            return False
+        return True
+
+    def _keep(self, batch: dict[str, Any]) -> None:
+        if self.spool_path is None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.spool_path = self.spool_dir / f"{batch['run_id']}.jsonl"
+            header = {"tracking_uri": self.client.tracking_uri}
+            self.spool_path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+        with open(self.spool_path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(batch) + "\n")
+        self.pending.append(batch)
+        _logger.warning(
+            "kept epoch %d of MLflow run %s in %s (%d epochs waiting)",
+            batch["metrics"][0][3] if batch["metrics"] else 0,
+            batch["run_id"],
+            self.spool_path,
+            len(self.pending),
+        )
+
+    def _flush(self) -> bool:
+        while self.pending:
+            if not self._try_send(self.pending[0]):
+                _rewrite_spool(self.spool_path, self.client.tracking_uri, self.pending)
+                return False
+            self.pending.pop(0)
+        if self.spool_path is not None:
+            _logger.info(
+                "MLflow server %s answers again; sent every kept epoch of %s",
+                self.client.tracking_uri,
+                self.spool_path,
+            )
+            self.spool_path.unlink(missing_ok=True)
+            self.spool_path = None
+        self.down_since = None
+        return True
+
+    def _check_outage(self) -> None:
+        if self.down_since is None:
+            return
+        waited = time.monotonic() - self.down_since
+        if waited < self.outage_limit_s:
+            return
+        raise TrackingUnavailable(
+            f"MLflow server {self.client.tracking_uri} did not answer for {waited:.0f} s;"
+            f" {len(self.pending)} epochs are kept in {self.spool_path}; send them with"
+            f" 'dst replay {self.spool_path}' once the server runs",
+            self.spool_path,
+        )
+
+
+def send_batch(client: MlflowClient, batch: Mapping[str, Any]) -> None:
+    """Send one kept record: an epoch in one ``log_batch`` request, or the end of a run."""
+    if "status" in batch:
+        client.set_tag(batch["run_id"], TAG_FAIL_REASON, batch["reason"])
+        client.set_terminated(batch["run_id"], batch["status"])
+        return
+    metrics = [
+        Metric(key, value, timestamp, step) for key, value, timestamp, step in batch["metrics"]
+    ]
+    client.log_batch(batch["run_id"], metrics=metrics)
+
+
+def _rewrite_spool(
+    path: Path | None, tracking_uri: str, pending: Sequence[Mapping[str, Any]]
+) -> None:
+    if path is None:
+        return
+    lines = [json.dumps({"tracking_uri": tracking_uri})] + [json.dumps(batch) for batch in pending]
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def replay_spool(path: Path, tracking_uri: str | None = None) -> int:
+    """Send the epochs kept in the spool file at ``path`` in order, then delete it.
+
+    Returns the number of epochs sent.
+
+    Raises:
+        UsageError: The file is missing or not a spool file, or the server does not answer.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        header = json.loads(lines[0])
+        batches = [json.loads(line) for line in lines[1:] if line.strip()]
+    except (OSError, IndexError, json.JSONDecodeError) as error:
+        raise UsageError(
+            f"cannot read the spool file {str(path)!r} ({error}); give a .jsonl file that a"
+            " worker wrote while MLflow did not answer"
+        ) from None
+    uri = tracking_uri or header.get("tracking_uri")
+    if not uri:
+        raise UsageError(f"spool file {str(path)!r} names no tracking URI; pass --tracking-uri")
+    check_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    for index, batch in enumerate(batches):
+        try:
+            send_batch(client, batch)
+        except MlflowException as error:
+            _rewrite_spool(Path(path), uri, batches[index:])
+            raise UsageError(
+                f"MLflow server {uri} rejected epoch {index + 1} of {str(path)!r}: {error};"
+                " the unsent epochs stay in the file"
+            ) from None
+    Path(path).unlink()
+    _logger.info("sent %d kept epochs of %s to %s", len(batches), path, uri)
+    return len(batches)
 
 
 def log_mean_summary(client: MlflowClient, run_id: str, summaries: Sequence[RunSummary]) -> float:

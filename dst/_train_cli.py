@@ -92,7 +92,8 @@ def _add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
         "--lambdas",
         default=",".join(f"{value:g}" for value in DEFAULT_LAMBDAS),
         help="DST weights of the depth, count, incompleteness, stagnancy and regularizer"
-        " terms, five comma-separated numbers that sum to 1 (default: %(default)s)",
+        " terms, five comma-separated numbers that sum to 1; write --lambdas=... when the"
+        " first is negative (default: %(default)s)",
     )
     group.add_argument(
         "--beta",
@@ -279,7 +280,12 @@ def _check_arguments(args: argparse.Namespace) -> tuple[float, ...]:
     """Check the arguments that need no data and return the parsed lambdas."""
     lambdas = parse_lambdas(args.lambdas)
     checks = [
-        ("--n-epochs", args.n_epochs, args.n_epochs >= 1, "an integer of at least 1"),
+        (
+            "--n-epochs",
+            args.n_epochs,
+            args.n_epochs >= 2,
+            "at least 2, because epoch 1 only measures the losses",
+        ),
         ("--beta", args.beta, 0.0 <= args.beta <= 1.0, "a number in [0, 1]"),
         ("--p", args.p, 0.0 <= args.p <= 1.0, "a probability in [0, 1]"),
         ("--num-workers", args.num_workers, args.num_workers >= 0, "0 or more"),
@@ -295,6 +301,12 @@ def _check_arguments(args: argparse.Namespace) -> tuple[float, ...]:
         raise UsageError("--scheduler stl needs --stl-task NAME, the task to train alone")
     if args.demo and args.data_dir is not None:
         raise UsageError("--demo generates its own data; drop --data-dir or --demo")
+    if args.output_dir is not None and Path(args.output_dir).exists():
+        if not Path(args.output_dir).is_dir():
+            raise UsageError(
+                f"--output-dir {str(args.output_dir)!r} is a file; give a folder for the"
+                " checkpoint and epochs.csv"
+            )
     if args.data_dir is not None and not args.data_dir.exists():
         raise UsageError(f"data folder {str(args.data_dir)!r} not found; check --data-dir")
     resolve_device(args.device)

@@ -226,15 +226,25 @@ class TrainResult:
     test_metrics_at_best: np.ndarray
 
     @classmethod
-    def from_records(cls, records: Sequence[EpochRecord]) -> TrainResult:
+    def from_records(
+        cls, records: Sequence[EpochRecord], trained: np.ndarray | None = None
+    ) -> TrainResult:
         """Pick the best epoch of ``records`` on the validation average error.
 
-        Epochs whose validation average error is NaN are never chosen unless every epoch's
-        is, in which case the last epoch counts as the best.
+        ``trained`` masks the tasks that the scheduler can switch on. When it leaves some
+        out, as STL does, the best epoch is chosen on the mean validation error of the
+        trained tasks alone, so the untrained heads cannot pick an untrained model.
+        Epochs whose error is NaN are never chosen unless every epoch's is, in which case
+        the last epoch counts as the best.
         """
         if not records:
             raise ValueError("cannot summarise a run without epochs; train at least one epoch")
-        val_avg_errors = np.array([record.val_avg_error for record in records], dtype=float)
+        if trained is None or trained.all() or not trained.any():
+            val_avg_errors = np.array([record.val_avg_error for record in records], dtype=float)
+        else:
+            val_avg_errors = np.array(
+                [_nanmean_or_nan(record.val_errors[trained]) for record in records], dtype=float
+            )
         if np.isnan(val_avg_errors).all():
             best = records[-1]
         else:
@@ -248,6 +258,11 @@ class TrainResult:
             test_errors_at_best=best.test_errors.copy(),
             test_metrics_at_best=best.test_metrics.copy(),
         )
+
+
+def _nanmean_or_nan(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
 
 
 def resolve_device(name: str) -> torch.device:
@@ -332,6 +347,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.scheduler = scheduler
+        # Tasks the scheduler can switch on; STL trains one, so the others cannot pick the
+        # best epoch.
+        self.trained_tasks = np.asarray(scheduler.probabilities) > 0
         self.callbacks = list(callbacks)
         self.records: list[EpochRecord] = []
         # PyTorch picks the multi-tensor (foreach) Adam only on CUDA by default. On a 2-core
@@ -372,7 +390,7 @@ class Trainer:
             self._save_checkpoint()
             for callback in self.callbacks:
                 callback.on_epoch_end(self, record)
-        result = TrainResult.from_records(self.records)
+        result = TrainResult.from_records(self.records, self.trained_tasks)
         _logger.info(
             "best epoch %d: validation average error %.2f%%, test average error %.2f%%",
             result.best_epoch,
@@ -526,8 +544,23 @@ class Trainer:
         path = Path(path)
         if not path.is_file():
             raise UsageError(f"checkpoint {str(path)!r} not found; train without resuming first")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+            raise UsageError(
+                f"checkpoint {str(path)!r} cannot be read ({type(error).__name__});"
+                " delete it and train without resuming"
+            ) from error
+        try:
+            self.load_state_dict(state)
+        except UsageError:
+            raise
+        except (ValueError, KeyError, RuntimeError) as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(
+                f"checkpoint {str(path)!r} does not match this run: {first_line};"
+                " resume with the settings that wrote it, or train without resuming"
+            ) from error
         _logger.info("resumed from %s after epoch %d", path, len(self.records))
 
     def _check_state(self, state: Mapping[str, Any]) -> None:

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dst._errors import UsageError
+from dst._errors import DivergedError, UsageError
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"dst {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except DivergedError as error:
+        print(f"dst {args.command}: error: training diverged: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dst {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -132,6 +132,10 @@ class OmniglotExperiment(Experiment):
             )
         self._n_classes: dict[str, int] | None = None
 
+    def check_data(self) -> None:
+        """Raise UsageError unless ``data_dir`` contains Omniglot images, reading no image."""
+        find_drawings(self.data_dir)
+
     def load(self, seed: int) -> ExperimentData:
         drawings = self._select(find_drawings(self.data_dir))
         images = decode_drawings(self.data_dir, drawings, self.image_size)

@@ -201,7 +201,7 @@ def test_data_dir_reaches_experiment(tmp_path: Path) -> None:
             "--data-dir",
             str(data_dir),
             "--n-epochs",
-            "1",
+            "2",
             "--output-dir",
             str(tmp_path / "run"),
         ]
@@ -213,7 +213,7 @@ def test_data_dir_reaches_experiment(tmp_path: Path) -> None:
 def test_default_output_dir_is_under_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
-    assert main(["train", "--experiment", TINY, "--n-epochs", "1", "--seed", "3"]) == 0
+    assert main(["train", "--experiment", TINY, "--n-epochs", "2", "--seed", "3"]) == 0
 
     assert (tmp_path / "runs" / "test_trainer_TinyExperiment-3" / CHECKPOINT_NAME).is_file()
 

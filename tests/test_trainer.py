@@ -505,3 +505,37 @@ def test_fit_runs_on_default_device(caplog: pytest.LogCaptureFixture) -> None:
     assert result.records[-1].updated
     if expected_device == "cpu":
         assert "bf16 autocast applies on CUDA only" in caplog.text
+
+
+def test_stl_best_epoch_ignores_untrained_tasks() -> None:
+    records = [make_record(1, 40.0, 40.0), make_record(2, 50.0, 50.0)]
+    # The trained task improves at epoch 2 while the untrained head gets much worse.
+    records[1].val_errors = np.array([10.0, 90.0])
+
+    result = TrainResult.from_records(records, trained=np.array([True, False]))
+
+    assert result.best_epoch == 2
+    assert TrainResult.from_records(records).best_epoch == 1
+
+
+def test_stl_trainer_marks_only_its_task_trained() -> None:
+    trainer = make_trainer("stl", n_epochs=2)
+
+    assert trainer.trained_tasks.tolist() == [True, False]
+
+
+def test_resume_with_other_scheduler_raises_usage_error(tmp_path: Path) -> None:
+    make_trainer("dst", tmp_path=tmp_path, n_epochs=2).fit()
+    other = make_trainer("mtl", tmp_path=tmp_path, n_epochs=3)
+
+    with pytest.raises(UsageError, match="does not match this run"):
+        other.resume(tmp_path / CHECKPOINT_NAME)
+
+
+def test_resume_from_corrupt_file_raises_usage_error(tmp_path: Path) -> None:
+    checkpoint = tmp_path / CHECKPOINT_NAME
+    checkpoint.write_text("not a checkpoint")
+    trainer = make_trainer(n_epochs=2)
+
+    with pytest.raises(UsageError, match="cannot be read"):
+        trainer.resume(checkpoint)
