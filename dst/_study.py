@@ -13,7 +13,7 @@ were queued again. Four kinds of failed trial are queued again: a trial whose wo
 stopped sending heartbeats (retried by Optuna's ``RetryFailedTrialCallback``), a trial
 interrupted by SIGTERM or Ctrl-C, a trial that hit a usage error on one worker (a
 missing data folder, say), and a trial whose worker stopped because the tracking server
-did not answer. A retried trial resumes from the last epoch checkpoint of its first
+did not respond. A retried trial resumes from the last epoch checkpoint of its first
 attempt when the workers share a ``--checkpoint-dir``. A diverged trial (NaN loss) counts
 and is not retried. Running trials count too while they run, so a worker never starts a
 trial that the budget has no room for. It waits instead, in case a running trial is retried.
@@ -338,7 +338,7 @@ class WorkerSettings:
         grace_period: Seconds without a heartbeat after which a trial counts as stale.
         max_retry: Times a stale trial is queued again.
         poll_interval: Seconds between looks at a study whose last trials run elsewhere.
-        spool_dir: Folder of the epochs kept while the tracking server does not answer.
+        spool_dir: Folder of the epochs kept while the tracking server does not respond.
         outage_limit_s: Seconds of training without the tracking server before the worker
             stops.
     """
@@ -731,7 +731,7 @@ def _fail_trial(
     interrupted = isinstance(error, KeyboardInterrupt)
     status = _tracking.KILLED if interrupted else _tracking.FAILED
     if isinstance(error, _tracking.TrackingUnavailable) and error.spool_path is not None:
-        # The server does not answer, so 'dst replay' ends the runs after their epochs.
+        # The server does not respond, so 'dst replay' ends the runs after their epochs.
         _tracking.keep_run_ends(error.spool_path, tree.open_runs, status, reason)
         tree.open_runs.clear()
     else:
@@ -914,7 +914,12 @@ def train_stl_seed(
     task_index = 0
     while n_tasks is None or task_index < n_tasks:
         run_id = tree.create(parent_run_id, "stl_task", f"stl task {task_index}", spec)
-        logger = _tracking.EpochLogger(context.client, run_id, tree, task_index=task_index)
+        delivery = _tracking.Delivery(
+            context.client, context.settings.spool_dir, context.settings.outage_limit_s
+        )
+        logger = _tracking.EpochLogger(
+            context.client, run_id, tree, task_index=task_index, delivery=delivery
+        )
         trainer, _ = train_experiment(
             context.experiment,
             "stl",
@@ -951,7 +956,7 @@ def _checkpoint_dir(context: WorkerContext, trial: optuna.Trial, seed: int) -> P
     """Return the checkpoint folder of one seed, keyed by the trial's first attempt.
 
     Every attempt of a retried trial uses the folder of the first attempt, so a retry on
-    any worker that sees the same ``--checkpoint-dir`` finds the checkpoints of the failed
+    any worker that uses the same ``--checkpoint-dir`` finds the checkpoints of the failed
     attempt.
     """
     root = context.settings.checkpoint_dir

@@ -64,9 +64,9 @@ def add_parsers(commands: Any) -> None:
 
     replay = commands.add_parser(
         "replay",
-        help="send the epochs a worker kept on disk while MLflow did not answer",
+        help="send the epochs a worker kept on disk while MLflow did not respond",
         description="Send the per-epoch metrics that a worker kept in a spool file while the"
-        " MLflow tracking server did not answer, in order, then delete the file.",
+        " MLflow tracking server did not respond, in order, then delete the file.",
     )
     replay.add_argument("file", type=Path, help="spool file, such as dst-mlflow-spool/RUN.jsonl")
     replay.add_argument(
@@ -167,14 +167,14 @@ def _add_heartbeat_arguments(parser: argparse.ArgumentParser) -> None:
         "--spool-dir",
         type=Path,
         default=Path("dst-mlflow-spool"),
-        help="folder of the epochs kept while the MLflow server does not answer"
+        help="folder of the epochs kept while the MLflow server does not respond"
         " (default: dst-mlflow-spool)",
     )
     parser.add_argument(
         "--outage-limit",
         type=int,
         default=600,
-        help="seconds of training while the MLflow server does not answer, after which the"
+        help="seconds of training while the MLflow server does not respond, after which the"
         " worker stops (default: 600)",
     )
     parser.add_argument(
@@ -208,6 +208,7 @@ def run_study(args: argparse.Namespace) -> int:
     """Handle ``dst study run``: create the study, run one worker, print the report."""
     from dst._study import WorkerSettings, create_study, run_worker
     from dst._study_storage import resolve_storage_url, resolve_tracking_uri
+    from dst._tracking import TrackingUnavailable
 
     config = _load_config(args)
     storage_url = resolve_storage_url(args.storage)
@@ -222,7 +223,11 @@ def run_study(args: argparse.Namespace) -> int:
         num_workers=_non_negative(args.num_workers, "--num-workers"),
         checkpoint_dir=args.checkpoint_dir,
     )
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except TrackingUnavailable as error:
+        print(f"dst study: error: {error}", file=sys.stderr)
+        return 1
     _print_report(tracking_uri, config.name)
     return 0
 
@@ -265,7 +270,7 @@ def run_replay(args: argparse.Namespace) -> int:
     from dst._tracking import replay_spool
 
     n_sent = replay_spool(args.file, args.tracking_uri)
-    print(f"sent {n_sent} epochs of {args.file}")
+    print(f"sent {n_sent} records of {args.file}")
     return 0
 
 

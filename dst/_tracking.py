@@ -388,10 +388,10 @@ class EpochLogger(Callback):
 
     Each epoch goes through a :class:`Delivery`, so an unreachable tracking server does not
     stop training: the epoch is kept on local disk and sent, in order, once the server
-    answers again.
+    responds again.
 
     NOTE: only the per-epoch metrics are kept locally. Creating and ending runs, the
-    summary metrics and the artifacts still need the server; the end of training first
+    summary metrics and the artifacts still need the server. So the end of training first
     waits for the server with backoff, up to the delivery's outage limit.
     """
 
@@ -443,14 +443,14 @@ class EpochLogger(Callback):
 
 
 DEFAULT_OUTAGE_LIMIT_S = 600.0
-"""Seconds a worker trains on while the tracking server does not answer, by default."""
+"""Seconds a worker trains on while the tracking server does not respond, by default."""
 _FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _MAX_BACKOFF_S = 30.0
 _UNAVAILABLE_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server did not answer within the outage limit; the epochs are on disk.
+    """The tracking server did not respond within the outage limit; the epochs are on disk.
 
     ``spool_path`` is the file that ``dst replay`` sends.
     """
@@ -498,10 +498,10 @@ def _is_unavailable(error: Exception) -> bool:
 class Delivery:
     """Per-epoch metrics of a worker, sent at once or kept in a local file until they can be.
 
-    While the server answers, each epoch is one ``log_batch`` request. When a request fails
-    because the server does not answer, the epoch and every later one are appended to
+    While the server responds, each epoch is one ``log_batch`` request. When a request fails
+    because the server does not respond, the epoch and every later one are appended to
     ``<spool_dir>/<run id>.jsonl`` and training goes on. Each later epoch first sends the
-    kept epochs in order. After ``outage_limit_s`` seconds without an answer,
+    kept epochs in order. After ``outage_limit_s`` seconds without a response,
     :class:`TrackingUnavailable` stops the worker; ``dst replay FILE`` sends the file later.
     """
 
@@ -519,7 +519,7 @@ class Delivery:
         self.down_since: float | None = None
 
     def log_metrics(self, run_id: str, values: Mapping[str, float], step: int) -> None:
-        """Send one epoch's metrics, or keep them on disk while the server does not answer."""
+        """Send one epoch's metrics, or keep them on disk while the server does not respond."""
         timestamp = int(time.time() * 1000)
         batch = {
             "run_id": run_id,
@@ -541,7 +541,7 @@ class Delivery:
         while self.pending and not self._flush():
             self._check_outage()
             _logger.warning(
-                "MLflow server %s does not answer; %d epochs kept in %s, retrying in %.0f s",
+                "MLflow server %s does not respond; %d epochs kept in %s, retrying in %.0f s",
                 self.client.tracking_uri,
                 len(self.pending),
                 self.spool_path,
@@ -560,7 +560,7 @@ class Delivery:
             if self.down_since is None:
                 self.down_since = time.monotonic()
             _logger.warning(
-                "MLflow server %s does not answer: %s", self.client.tracking_uri, error
+                "MLflow server %s does not respond: %s", self.client.tracking_uri, error
             )
             return False
         return True
@@ -590,7 +590,7 @@ class Delivery:
             self.pending.pop(0)
         if self.spool_path is not None:
             _logger.info(
-                "MLflow server %s answers again; sent every kept epoch of %s",
+                "MLflow server %s responds again; sent every kept epoch of %s",
                 self.client.tracking_uri,
                 self.spool_path,
             )
@@ -606,7 +606,7 @@ class Delivery:
         if waited < self.outage_limit_s:
             return
         raise TrackingUnavailable(
-            f"MLflow server {self.client.tracking_uri} did not answer for {waited:.0f} s;"
+            f"MLflow server {self.client.tracking_uri} did not respond for {waited:.0f} s;"
             f" {len(self.pending)} epochs are kept in {self.spool_path}; send them with"
             f" 'dst replay {self.spool_path}' once the server runs",
             self.spool_path,
@@ -637,12 +637,12 @@ def _rewrite_spool(
 
 
 def replay_spool(path: Path, tracking_uri: str | None = None) -> int:
-    """Send the epochs kept in the spool file at ``path`` in order, then delete it.
+    """Send the records kept in the spool file at ``path`` in order, then delete it.
 
-    Returns the number of epochs sent.
+    Returns the number of records sent: epochs, then the ends of runs, if any.
 
     Raises:
-        UsageError: The file is missing or not a spool file, or the server does not answer.
+        UsageError: The file is missing or not a spool file, or the server does not respond.
     """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -651,7 +651,7 @@ def replay_spool(path: Path, tracking_uri: str | None = None) -> int:
     except (OSError, IndexError, json.JSONDecodeError) as error:
         raise UsageError(
             f"cannot read the spool file {str(path)!r} ({error}); give a .jsonl file that a"
-            " worker wrote while MLflow did not answer"
+            " worker wrote while MLflow did not respond"
         ) from None
     uri = tracking_uri or header.get("tracking_uri")
     if not uri:
@@ -664,11 +664,11 @@ def replay_spool(path: Path, tracking_uri: str | None = None) -> int:
         except MlflowException as error:
             _rewrite_spool(Path(path), uri, batches[index:])
             raise UsageError(
-                f"MLflow server {uri} rejected epoch {index + 1} of {str(path)!r}: {error};"
-                " the unsent epochs stay in the file"
+                f"MLflow server {uri} rejected record {index + 1} of {str(path)!r}: {error};"
+                " the unsent records stay in the file"
             ) from None
     Path(path).unlink()
-    _logger.info("sent %d kept epochs of %s to %s", len(batches), path, uri)
+    _logger.info("sent %d kept records of %s to %s", len(batches), path, uri)
     return len(batches)
 
 

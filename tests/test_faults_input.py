@@ -1,8 +1,8 @@
 """Bad input: the real ``dst`` command in a subprocess for each case.
 
-Each case must exit with status 2, print exactly one line to stderr (no log line before it,
-no traceback) and write nothing: no study storage file, no study in the storage, no MLflow
-experiment on the tracking server and no other file in the working folder.
+Each case must exit with status 2 and print exactly one line to stderr, with no log line
+before it and no traceback. It must write nothing: no study storage file, no study in the
+storage, no MLflow experiment on the tracking server and no other file in the working folder.
 """
 
 from __future__ import annotations
@@ -147,12 +147,12 @@ CASES: dict[str, Case] = {
         ("worker", "--study", STUDY, "--storage", "postgresql://postgres@127.0.0.1:{port}/x"),
         "127.0.0.1:{port}",
     ),
-    "tracking server that does not answer": Case(
+    "tracking server that does not respond": Case(
         (*CREATE, "http://127.0.0.1:{port}"),
         "http://127.0.0.1:{port} does not respond",
         study_file("[[enqueue]]\nlabel = 'a'\n"),
     ),
-    "report from a tracking server that does not answer": Case(
+    "report from a tracking server that does not respond": Case(
         ("report", "--study", STUDY, "--tracking-uri", "http://127.0.0.1:{port}"),
         "does not respond",
     ),

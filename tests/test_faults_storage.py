@@ -1,8 +1,9 @@
 """The study database drops every connection during a study, as on a PostgreSQL restart.
 
-The shared PostgreSQL cluster must keep running for other databases, so the test ends
-every backend connection of the study's own database with ``pg_terminate_backend``,
-again and again for a few seconds. Clients see the same errors as during a restart.
+The shared PostgreSQL cluster must keep running for other databases, so the test refuses
+new connections to the study's own database (``ALLOW_CONNECTIONS false``) and ends its
+connections with ``pg_terminate_backend`` for a few seconds. Clients see the same errors as
+during a restart.
 """
 
 from __future__ import annotations
@@ -24,25 +25,35 @@ from dst._study_file import load_study_file
 pytestmark = pytest.mark.slow
 
 TERMINATE = sqlalchemy.text(
-    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-    " WHERE datname = :database AND pid <> pg_backend_pid()"
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :database"
 )
 
 
-def terminate_connections(url: str, seconds: float) -> int:
-    """End every other connection to the database at ``url`` every 0.2 s for ``seconds``.
+def restart_database(url: str, seconds: float) -> int:
+    """Refuse and end every connection to the database at ``url`` for ``seconds``.
 
+    ``ALLOW_CONNECTIONS false`` makes new connections fail, as while a server restarts.
     Returns the number of connections ended.
     """
     database = make_url(url).database
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    admin_url = make_url(url).set(database="postgres")
+    engine = sqlalchemy.create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     n_terminated = 0
-    deadline = time.monotonic() + seconds
     try:
         with engine.connect() as connection:
-            while time.monotonic() < deadline:
-                n_terminated += connection.execute(TERMINATE, {"database": database}).scalar()
-                time.sleep(0.2)
+            connection.execute(
+                sqlalchemy.text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            )
+            try:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    result = connection.execute(TERMINATE, {"database": database})
+                    n_terminated += result.scalar()
+                    time.sleep(0.2)
+            finally:
+                connection.execute(
+                    sqlalchemy.text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+                )
     finally:
         engine.dispose()
     return n_terminated
@@ -65,10 +76,11 @@ def test_workers_survive_dropped_connections(tmp_path, postgres_database, mlflow
     polled = optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": NullPool})
     wait_for_running_trial(polled, name, process, log)
 
-    n_terminated = terminate_connections(storage, 5.0)
+    n_terminated = restart_database(storage, 3.0)
 
     assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert n_terminated > 0
     study = optuna.load_study(study_name=name, storage=polled)
     states = Counter(trial.state for trial in study.get_trials())
     assert states == {TrialState.COMPLETE: 2}, log.read_text()[-3000:]
+    assert "lost its connection" in log.read_text()
