@@ -33,11 +33,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLBACKEND=Agg
 
 # /app holds the study files and the checkpoints the worker writes, and
-# /var/lib/mlflow/artifacts is the MLflow server's artifact store (a named volume in
-# docker-compose.yml takes the owner of this folder when it is first created).
+# /var/lib/mlflow/artifacts is the MLflow server's artifact store and /checkpoints the
+# workers' shared checkpoints (named volumes in docker-compose.yml take the owner of these
+# folders when they are first created).
 RUN useradd --create-home --uid 10001 --user-group dst \
-    && mkdir -p /app /var/lib/mlflow/artifacts \
-    && chown dst:dst /app /var/lib/mlflow/artifacts
+    && mkdir -p /app /var/lib/mlflow/artifacts /checkpoints \
+    && chown dst:dst /app /var/lib/mlflow/artifacts /checkpoints
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app

@@ -881,17 +881,21 @@ def train_seed(
         callbacks.append(_PruningCallback(trial, seed_index * config.n_epochs))
     seed = config.seeds[seed_index]
     checkpoint_dir = _checkpoint_dir(context, trial, seed)
-    train_experiment(
-        context.experiment,
-        row.scheduler,
-        train_config(context, seed, checkpoint_dir),
-        lambdas=row.lambdas,
-        beta=row.beta,
-        count_metric=row.count_metric,
-        p=row.p,
-        callbacks=callbacks,
-        resume_from=_resume_path(context, trial, checkpoint_dir),
-    )
+    try:
+        train_experiment(
+            context.experiment,
+            row.scheduler,
+            train_config(context, seed, checkpoint_dir),
+            lambdas=row.lambdas,
+            beta=row.beta,
+            count_metric=row.count_metric,
+            p=row.p,
+            callbacks=callbacks,
+            resume_from=_resume_path(context, trial, checkpoint_dir),
+        )
+    except BaseException:
+        logger.close_after_error()
+        raise
     assert logger.summary is not None
     return logger.summary
 
@@ -920,13 +924,17 @@ def train_stl_seed(
         logger = _tracking.EpochLogger(
             context.client, run_id, tree, task_index=task_index, delivery=delivery
         )
-        trainer, _ = train_experiment(
-            context.experiment,
-            "stl",
-            train_config(context, seed, None),
-            stl_task=task_index,
-            callbacks=[logger, _TaskNamesCallback(context)],
-        )
+        try:
+            trainer, _ = train_experiment(
+                context.experiment,
+                "stl",
+                train_config(context, seed, None),
+                stl_task=task_index,
+                callbacks=[logger, _TaskNamesCallback(context)],
+            )
+        except BaseException:
+            logger.close_after_error()
+            raise
         n_tasks = trainer.n_tasks
         tree.finish(run_id)
         assert logger.summary is not None

@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,8 +384,10 @@ def epoch_metrics(record: EpochRecord, keys: Sequence[str]) -> dict[str, float]:
 class EpochLogger(Callback):
     """Trainer callback that logs one run: every epoch, the summary and the artifacts.
 
-    Each epoch is one ``log_batch`` request with every metric of the epoch. At the end of
-    training it logs the best-epoch metrics, ``epochs.csv`` and ``figure6.png``.
+    Each epoch is one ``log_batch`` request with every metric of the epoch, sent on a
+    background thread while the next epoch trains. At the end of training it logs the
+    best-epoch metrics, ``epochs.csv`` and ``figure6.png``. After a training error, call
+    :meth:`close_after_error` so the last request is not left open.
 
     Each epoch goes through a :class:`Delivery`, so an unreachable tracking server does not
     stop training: the epoch is kept on local disk and sent, in order, once the server
@@ -411,6 +414,24 @@ class EpochLogger(Callback):
         self.task_names: list[str] = []
         self.keys: list[str] = []
         self.summary: RunSummary | None = None
+        # One sender thread overlaps an epoch's request with the next epoch's training; the
+        # next epoch end waits for it, so requests stay in order and at most one is open.
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dst-mlflow")
+        self._pending: Future[None] | None = None
+
+    def wait_for_pending(self) -> None:
+        """Wait until the last epoch's request is sent, raising its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close_after_error(self) -> None:
+        """Wait for the last epoch's request after training failed, logging its error."""
+        try:
+            self.wait_for_pending()
+        except Exception as error:  # noqa: BLE001 - the training error is the one to raise
+            _logger.error("last epoch of MLflow run %s was not logged: %s", self.run_id, error)
+        self._sender.shutdown(wait=False)
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.task_names = [task.name for task in trainer.tasks]
@@ -426,12 +447,18 @@ class EpochLogger(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: EpochRecord) -> None:
         values = epoch_metrics(record, self.keys)
+        self.wait_for_pending()
+        self._pending = self._sender.submit(self._send, values, record.epoch)
+
+    def _send(self, values: Mapping[str, float], step: int) -> None:
         if self.delivery is None:
-            log_metrics(self.client, self.run_id, values, record.epoch)
+            log_metrics(self.client, self.run_id, values, step)
             return
-        self.delivery.log_metrics(self.run_id, values, record.epoch)
+        self.delivery.log_metrics(self.run_id, values, step)
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        self.wait_for_pending()
+        self._sender.shutdown(wait=False)
         if self.delivery is not None:
             self.delivery.drain()
         self.summary = summarize(result, self.task_index)

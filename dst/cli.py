@@ -1,4 +1,4 @@
-"""The ``dst`` command line: ``train``, ``study create|run``, ``worker`` and ``report``."""
+"""The ``dst`` command line: ``train``, ``study create|run``, ``worker``, ``report``, ``replay``."""
 
 from __future__ import annotations
 

@@ -563,6 +563,7 @@ class NativeStack:
         text = text.replace(f"mlflow:{self.mlflow_port}", f"127.0.0.1:{self.mlflow_port}")
         text = text.replace("127.0.0.1:8080", f"127.0.0.1:{self.dashboard_port}")
         text = text.replace("0.0.0.0", "127.0.0.1")
+        text = text.replace("/checkpoints", str(self.workdir / "checkpoints"))
         return text.replace("/var/lib/mlflow/artifacts", str(self.artifacts_dir))
 
     def command(self, service: str, key: str = "command") -> list[str]:
@@ -780,6 +781,8 @@ def test_study_init_worker_and_dashboard_run_study(native_stack: NativeStack) ->
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
     assert optuna.trial.TrialState.FAIL not in states
     assert optuna.trial.TrialState.RUNNING not in states
+    checkpoints = list((native_stack.workdir / "checkpoints").rglob("*.pt"))
+    assert checkpoints, "the worker wrote no checkpoint to its --checkpoint-dir volume"
 
     client = mlflow.MlflowClient(tracking_uri=native_stack.mlflow_url)
     experiment = client.get_experiment_by_name(study_name)
