@@ -281,7 +281,7 @@ def run_report(args: argparse.Namespace) -> int:
     from dst._tracking import check_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking_uri(tracking_uri)
+    check_tracking_uri(tracking_uri, must_exist=True)
     fmt = args.format or _format_of(args.output)
     text = render_report(build_report(tracking_uri, args.study), fmt)
     if args.output is None:

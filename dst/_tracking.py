@@ -69,12 +69,31 @@ _LOGGED_COMPONENTS = ("depth", "count", "incompleteness", "stagnancy")
 """Probability terms logged per epoch as ``p_<term>/<task>``; the regulariser is always 1."""
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Raise UsageError unless the MLflow tracking server at an http(s) ``uri`` responds.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file")
+"""URI schemes of the MLflow tracking stores that ``dst`` accepts (MLflow 3.x)."""
 
-    Database and file URIs are checked when they are first used.
+
+def check_tracking_uri(uri: str, *, must_exist: bool = False) -> None:
+    """Raise UsageError unless ``uri`` names an MLflow tracking store that can be used.
+
+    An http(s) server must respond on ``/health``. A SQLite file must exist when
+    ``must_exist`` is set, so that reading a study never creates an empty database. Other
+    database URIs are checked when they are first used.
     """
-    if not uri.startswith(("http://", "https://")):
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise UsageError(
+            f"invalid MLflow tracking URI {uri!r}; use http(s)://HOST:PORT for a server or"
+            " sqlite:///FILE.db for a local store"
+        )
+    if scheme == "sqlite" and must_exist:
+        path = uri.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise UsageError(
+                f"MLflow store {uri!r} not found; run a study here first or give the"
+                " --tracking-uri of the study"
+            )
+    if scheme not in ("http", "https"):
         return
     url = uri.rstrip("/") + "/health"
     try:

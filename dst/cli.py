@@ -1,4 +1,4 @@
-"""The ``dst`` command line: ``train``, ``study create|run``, ``worker``, ``report``, ``replay``."""
+"""The ``dst`` command line: ``train``, ``study``, ``worker``, ``report`` and ``replay``."""
 
 from __future__ import annotations
 

@@ -163,6 +163,15 @@ CASES: dict[str, Case] = {
     "worker with a storage file that does not exist": Case(
         ("worker", "--study", STUDY, "--storage", "{storage}"), "does not exist"
     ),
+    "tracking URI with an unknown scheme": Case(
+        (*CREATE, "foo://bar"),
+        "invalid MLflow tracking URI 'foo://bar'",
+        study_file("[[enqueue]]\nlabel = 'a'\n"),
+    ),
+    "report from a SQLite store that does not exist": Case(
+        ("report", "--study", STUDY, "--tracking-uri", "sqlite:///mlflow.db"),
+        "MLflow store 'sqlite:///mlflow.db' not found",
+    ),
 }
 
 
