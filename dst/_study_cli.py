@@ -56,7 +56,9 @@ def add_parsers(commands: Any) -> None:
     worker.add_argument("--study", required=True, help="name of the study to work on")
     _add_service_arguments(worker, stored_uri=True)
     worker.add_argument(
-        "--data-dir", help="this machine's data folder, for experiments that read one"
+        "--data-dir",
+        help="this machine's data folder, for experiments that read one (default: the"
+        " folder stored by study create)",
     )
     _add_training_arguments(worker)
     _add_heartbeat_arguments(worker)
@@ -116,14 +118,22 @@ def _add_study_file_arguments(parser: argparse.ArgumentParser) -> None:
         "file", type=Path, help="study file (TOML), such as studies/quickstart.toml"
     )
     _add_service_arguments(parser, stored_uri=False)
-    parser.add_argument("--n-epochs", type=int, help="epochs per run, replacing the file's")
+    parser.add_argument(
+        "--n-epochs", type=int, help="epochs per run (default: the study file's n_epochs)"
+    )
     parser.add_argument(
         "--seeds",
-        help="number of seeds (the file's first ones), or a comma-separated list such as 0,4,7",
+        help="number of seeds (the file's first ones), or a comma-separated list such as 0,4,7"
+        " (default: the study file's seeds)",
     )
-    parser.add_argument("--n-trials", type=int, help="trials of the whole study")
     parser.add_argument(
-        "--data-dir", help="data folder of the experiment, for experiments that read one"
+        "--n-trials",
+        type=int,
+        help="trials of the whole study (default: the study file's n_trials)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="data folder of the experiment, for experiments that read one (default: none)",
     )
     parser.add_argument(
         "--option",
@@ -136,7 +146,9 @@ def _add_study_file_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--device", default="auto", help="torch device; auto picks CUDA when available"
+        "--device",
+        default="auto",
+        help="torch device; auto picks CUDA when available (default: auto)",
     )
     parser.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)"
