@@ -182,7 +182,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-dir",
         type=Path,
         help="folder of the checkpoint last.pt, epochs.csv and demo data"
-        " (default: runs/<experiment>-<seed>)",
+        " (default: runs/<experiment>-<scheduler>-<seed>)",
     )
     group.add_argument(
         "--resume",
@@ -202,10 +202,6 @@ def run_train(args: argparse.Namespace) -> int:
             f"no checkpoint to resume at {str(checkpoint)!r}; run without --resume first"
             " or give the --output-dir of the run"
         )
-    if not args.resume and checkpoint.is_file():
-        _logger.warning(
-            "starting over: %s will be overwritten; use --resume to continue", checkpoint
-        )
 
     options = parse_options(args.option)
     if args.data_dir is not None:
@@ -214,6 +210,10 @@ def run_train(args: argparse.Namespace) -> int:
         demo_options = experiment_class.demo(output_dir / DEMO_FOLDER)
         options = {**demo_options, **options}
     experiment = create_experiment(args.experiment, options)
+    if not args.resume and checkpoint.is_file():
+        _logger.warning(
+            "starting over: %s will be overwritten; use --resume to continue", checkpoint
+        )
 
     trainer, result = train_experiment(
         experiment,
@@ -243,11 +243,11 @@ def build_callbacks(args: argparse.Namespace, experiment: Experiment) -> list[Ca
 
 
 def output_dir_of(args: argparse.Namespace) -> Path:
-    """Return ``--output-dir``, or ``runs/<experiment>-<seed>`` when it is not given."""
+    """Return ``--output-dir``, or ``runs/<experiment>-<scheduler>-<seed>`` by default."""
     if args.output_dir is not None:
         return Path(args.output_dir)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.experiment).strip("_.") or "experiment"
-    return Path("runs") / f"{slug}-{args.seed}"
+    return Path("runs") / f"{slug}-{args.scheduler}-{args.seed}"
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:

@@ -347,6 +347,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.scheduler = scheduler
+        self.run_settings: dict[str, str] = {}
+        """Settings compared with a checkpoint's on resume; ``train_experiment`` fills it."""
         # Tasks the scheduler can switch on; STL trains one, so the others cannot pick the
         # best epoch.
         self.trained_tasks = np.asarray(scheduler.probabilities) > 0
@@ -518,6 +520,7 @@ class Trainer:
         return {
             "format": _CHECKPOINT_FORMAT,
             "seed": self.config.seed,
+            "run_settings": dict(self.run_settings),
             "task_names": [task.name for task in self.tasks],
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -580,6 +583,13 @@ class Trainer:
                 f"the checkpoint was written with seed {state['seed']}, not {self.config.seed};"
                 f" resume with --seed {state['seed']}"
             )
+        saved = state.get("run_settings") or {}
+        for name, value in self.run_settings.items():
+            if name in saved and saved[name] != value:
+                raise UsageError(
+                    f"the checkpoint was written with {name} = {saved[name]}, not {value};"
+                    " resume with the settings that wrote it, or train without resuming"
+                )
 
     def _save_checkpoint(self) -> None:
         path = self.checkpoint_path
@@ -732,9 +742,26 @@ def train_experiment(
         stl_task=stl_task,
     )
     trainer = Trainer(data, model, scheduler, config, callbacks)
+    trainer.run_settings = run_settings(experiment, config)
     if resume_from is not None:
         trainer.resume(resume_from)
     return trainer, trainer.fit()
+
+
+def run_settings(experiment: Experiment, config: TrainConfig) -> dict[str, str]:
+    """Return the settings that a resumed run must share with its checkpoint, as text.
+
+    ``data_dir`` is left out, because the same data may sit in another folder on the
+    machine that resumes.
+    """
+    settings = {
+        f"option {name}": repr(value)
+        for name, value in sorted(experiment.options.items())
+        if name != "data_dir"
+    }
+    settings["lr"] = repr(config.lr)
+    settings["batch_size"] = repr(config.batch_size)
+    return settings
 
 
 def resolve_config(config: TrainConfig, experiment: Experiment) -> TrainConfig:

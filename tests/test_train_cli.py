@@ -215,7 +215,7 @@ def test_default_output_dir_is_under_runs(tmp_path: Path, monkeypatch: pytest.Mo
 
     assert main(["train", "--experiment", TINY, "--n-epochs", "2", "--seed", "3"]) == 0
 
-    assert (tmp_path / "runs" / "test_trainer_TinyExperiment-3" / CHECKPOINT_NAME).is_file()
+    assert (tmp_path / "runs" / "test_trainer_TinyExperiment-dst-3" / CHECKPOINT_NAME).is_file()
 
 
 def test_option_values_are_typed() -> None:
@@ -245,3 +245,29 @@ def test_shapes_trains_end_to_end(tmp_path: Path) -> None:
     epochs = pd.read_csv(tmp_path / "run" / "epochs.csv")
     assert epochs["epoch"].tolist() == [1, 2]
     assert epochs["updated"].tolist() == [0.0, 1.0]
+
+
+def test_resume_with_changed_option_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = str(tmp_path / "run")
+    base = ["train", "--experiment", TINY, "--n-epochs", "2", "--output-dir", run_dir]
+    assert main([*base, "--option", "n_samples=96"]) == 0
+    capsys.readouterr()
+
+    status = main([*base, "--n-epochs", "3", "--resume", "--option", "n_samples=64"])
+
+    assert status == 2
+    assert "option n_samples = 96, not 64" in capsys.readouterr().err
+
+
+def test_unknown_option_logs_nothing_before_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = str(tmp_path / "run")
+    base = ["train", "--experiment", TINY, "--n-epochs", "2", "--output-dir", run_dir]
+    assert main(base) == 0
+    caplog.clear()
+
+    assert main([*base, "--option", "bogus=1"]) == 2
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
