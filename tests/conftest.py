@@ -91,7 +91,7 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> None:
-        """Start the server and wait until ``/health`` answers."""
+        """Start the server and wait until ``/health`` returns 200."""
         command = [
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", self.backend_uri,
@@ -113,7 +113,7 @@ class MlflowServer:
                 return
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"mlflow server did not answer in {timeout} s; log: {self.log_path}")
+        raise RuntimeError(f"mlflow server did not respond in {timeout} s; log: {self.log_path}")
 
     def is_healthy(self) -> bool:
         try:
@@ -134,7 +134,7 @@ class MlflowServer:
             self.process.wait()
         except ProcessLookupError:
             pass
-        # Children outlive a group leader that exits first; end them too.
+        # Children can outlive a group leader that exits first, so end them too.
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
