@@ -10,7 +10,7 @@ class UsageError(ValueError):
 
 
 class DivergedError(FloatingPointError):
-    """A task's loss became NaN or infinite; ``task`` and ``epoch`` say where."""
+    """A task's loss became NaN or infinite at ``epoch``, in the task named ``task``."""
 
     def __init__(self, task: str, epoch: int, value: float) -> None:
         super().__init__(

@@ -113,7 +113,7 @@ class Experiment(ABC):
     """A data set, its tasks and a model, configured by keyword options.
 
     Subclasses declare their options with defaults in ``defaults``; unknown options are
-    rejected. ``options`` holds the resolved values, which the tracking logs as params.
+    rejected. ``options`` contains the resolved values, which the tracking logs as params.
     """
 
     name: ClassVar[str] = ""

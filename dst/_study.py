@@ -9,12 +9,15 @@ samples a new trial. Optuna's ``MaxTrialsCallback`` is not used, because it stop
 only after its trial ends, so concurrent workers overshoot the budget.
 
 Budget. ``n_trials`` counts COMPLETE, PRUNED and FAILED trials, except failed ones that
-were queued again. Four kinds of failed trial are queued again: a trial whose worker
-stopped sending heartbeats (retried by Optuna's ``RetryFailedTrialCallback``), a trial
-interrupted by SIGTERM or Ctrl-C, a trial that hit a usage error on one worker (a
-missing data folder, say), and a trial whose worker stopped because the tracking server
-did not respond. A retried trial resumes from the last epoch checkpoint of its first
-attempt when the workers share a ``--checkpoint-dir``. A diverged trial (NaN loss) counts
+were queued again. Four kinds of failed trial are queued again:
+
+- a trial whose worker stopped sending heartbeats (Optuna's ``RetryFailedTrialCallback``);
+- a trial interrupted by SIGTERM or Ctrl-C;
+- a trial that hit a usage error on one worker, such as a missing data folder;
+- a trial whose worker stopped because the tracking server did not respond.
+
+A retried trial resumes from the last epoch checkpoint of its first attempt when the
+workers share a ``--checkpoint-dir``. A diverged trial (NaN loss) counts
 and is not retried. Running trials count too while they run, so a worker never starts a
 trial that the budget has no room for. It waits instead, in case a running trial is retried.
 """
@@ -872,13 +875,11 @@ def train_seed(
     if row.scheduler == "stl":
         return train_stl_seed(context, tree, row, seed_index, run_id)
     config = context.config
-    delivery = _tracking.Delivery(
-        context.client, context.settings.spool_dir, context.settings.outage_limit_s
-    )
-    logger = _tracking.EpochLogger(context.client, run_id, tree, delivery=delivery)
+    logger = _epoch_logger(context, run_id, tree)
     callbacks: list[Callback] = [logger, _TaskNamesCallback(context)]
     if config.pruner != "none":
         callbacks.append(_PruningCallback(trial, seed_index * config.n_epochs))
+
     seed = config.seeds[seed_index]
     checkpoint_dir = _checkpoint_dir(context, trial, seed)
     try:
@@ -900,6 +901,18 @@ def train_seed(
     return logger.summary
 
 
+def _epoch_logger(
+    context: WorkerContext, run_id: str, tree: _tracking.RunTree, task_index: int | None = None
+) -> _tracking.EpochLogger:
+    """Return the epoch logger of one run, keeping epochs on disk while MLflow is down."""
+    delivery = _tracking.Delivery(
+        context.client, context.settings.spool_dir, context.settings.outage_limit_s
+    )
+    return _tracking.EpochLogger(
+        context.client, run_id, tree, task_index=task_index, delivery=delivery
+    )
+
+
 def train_stl_seed(
     context: WorkerContext,
     tree: _tracking.RunTree,
@@ -918,12 +931,7 @@ def train_stl_seed(
     task_index = 0
     while n_tasks is None or task_index < n_tasks:
         run_id = tree.create(parent_run_id, "stl_task", f"stl task {task_index}", spec)
-        delivery = _tracking.Delivery(
-            context.client, context.settings.spool_dir, context.settings.outage_limit_s
-        )
-        logger = _tracking.EpochLogger(
-            context.client, run_id, tree, task_index=task_index, delivery=delivery
-        )
+        logger = _epoch_logger(context, run_id, tree, task_index)
         try:
             trainer, _ = train_experiment(
                 context.experiment,

@@ -433,7 +433,7 @@ class EpochLogger(Callback):
         self.task_names: list[str] = []
         self.keys: list[str] = []
         self.summary: RunSummary | None = None
-        # One sender thread overlaps an epoch's request with the next epoch's training; the
+        # One sender thread overlaps an epoch's request with the next epoch's training. The
         # next epoch end waits for it, so requests stay in order and at most one is open.
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dst-mlflow")
         self._pending: Future[None] | None = None

@@ -279,6 +279,25 @@ def parse_value(text: str) -> int | float | bool | str:
 def _check_arguments(args: argparse.Namespace) -> tuple[float, ...]:
     """Check the arguments that need no data and return the parsed lambdas."""
     lambdas = parse_lambdas(args.lambdas)
+    _check_numbers(args)
+
+    if args.scheduler == "stl" and not args.stl_task:
+        raise UsageError("--scheduler stl needs --stl-task NAME, the task to train alone")
+    if args.demo and args.data_dir is not None:
+        raise UsageError("--demo generates its own data; drop --data-dir or --demo")
+    if args.output_dir is not None and Path(args.output_dir).is_file():
+        raise UsageError(
+            f"--output-dir {str(args.output_dir)!r} is a file; give a folder for the"
+            " checkpoint and epochs.csv"
+        )
+    if args.data_dir is not None and not args.data_dir.exists():
+        raise UsageError(f"data folder {str(args.data_dir)!r} not found; check --data-dir")
+    resolve_device(args.device)
+    return lambdas
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Raise UsageError for the first numeric option outside its range."""
     checks = [
         (
             "--n-epochs",
@@ -297,20 +316,6 @@ def _check_arguments(args: argparse.Namespace) -> tuple[float, ...]:
     for option, value, valid, expected in checks:
         if not valid:
             raise UsageError(f"invalid {option} {value}; expected {expected}")
-    if args.scheduler == "stl" and not args.stl_task:
-        raise UsageError("--scheduler stl needs --stl-task NAME, the task to train alone")
-    if args.demo and args.data_dir is not None:
-        raise UsageError("--demo generates its own data; drop --data-dir or --demo")
-    if args.output_dir is not None and Path(args.output_dir).exists():
-        if not Path(args.output_dir).is_dir():
-            raise UsageError(
-                f"--output-dir {str(args.output_dir)!r} is a file; give a folder for the"
-                " checkpoint and epochs.csv"
-            )
-    if args.data_dir is not None and not args.data_dir.exists():
-        raise UsageError(f"data folder {str(args.data_dir)!r} not found; check --data-dir")
-    resolve_device(args.device)
-    return lambdas
 
 
 def _train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:

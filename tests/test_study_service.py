@@ -226,6 +226,7 @@ def check_seed_runs(client: MlflowClient, trial_runs, seed_runs) -> None:
     children = Counter(run.data.tags["mlflow.parentRunId"] for run in seed_runs)
     assert set(children) == trial_ids
     assert set(children.values()) == {2}
+
     for run in seed_runs:
         assert run.info.status == "FINISHED"
         assert set(RUN_PARAMS) <= set(run.data.params)
@@ -237,6 +238,7 @@ def check_seed_runs(client: MlflowClient, trial_runs, seed_runs) -> None:
         )
         history = client.get_metric_history(run.info.run_id, "val_avg_error")
         assert sorted(metric.step for metric in history) == [1, 2]
+
     dst_run = next(run for run in seed_runs if run.data.params["scheduler"] == "dst")
     keys = [key for _, key in json.loads(dst_run.data.tags["dst.tasks"])]
     expected = {f"{name}/{key}" for name in PER_TASK_METRICS for key in keys}
@@ -247,6 +249,7 @@ def check_seed_runs(client: MlflowClient, trial_runs, seed_runs) -> None:
         for key in keys
     }
     assert expected <= set(dst_run.data.metrics)
+
     for name in sorted(expected):
         if "_at_best" in name:
             continue

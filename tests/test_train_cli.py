@@ -271,3 +271,18 @@ def test_unknown_option_logs_nothing_before_error(
 
     assert main([*base, "--option", "bogus=1"]) == 2
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_output_dir_that_is_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = tmp_path / "taken.txt"
+    existing.write_text("not a folder")
+
+    status = main(
+        ["train", "--experiment", TINY, "--n-epochs", "2", "--output-dir", str(existing)]
+    )
+
+    assert status == 2
+    assert "is a file" in capsys.readouterr().err
+    assert existing.read_text() == "not a folder"

@@ -137,7 +137,7 @@ def test_task_losses_are_masked_means() -> None:
     classes = torch.tensor([2, -1, 0, 1, -1])
     mask = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 1], [1, 0]], dtype=torch.bool)
     active = np.array([True, True])
-    trainer.model.eval()  # no dropout, so the hand computation sees the same features
+    trainer.model.eval()  # no dropout, so the hand computation uses the same features
 
     losses = trainer.task_losses(inputs, [values, classes], mask, active)
 
