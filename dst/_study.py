@@ -51,6 +51,7 @@ from dst._errors import DivergedError, UsageError
 from dst._experiment import Experiment, create_experiment, resolve_experiment
 from dst._names import task_keys
 from dst._scheduler import LAMBDA_NAMES
+from dst._signals import deferred_signals
 from dst._study_file import DATA_DIR_OPTION, Row, StudyConfig
 from dst._study_storage import (
     check_distinct_databases,
@@ -708,7 +709,9 @@ def run_claimed_trial(context: WorkerContext, trial: optuna.Trial) -> None:
         except Exception as error:
             _fail_trial(context, trial, tree, error, requeue=False)
             raise
-    study.tell(trial, value)
+    # Ctrl-C or SIGTERM during tell would leave a finished trial running until it is stale.
+    with deferred_signals():
+        study.tell(trial, value)
     _log_end(trial, f"complete with value {value:.4f}", started)
 
 

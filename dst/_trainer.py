@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from dst._errors import DivergedError, UsageError
 from dst._experiment import Experiment, ExperimentData, MultiTaskModel, Task
+from dst._signals import deferred_signals
 
 if TYPE_CHECKING:
     from dst._scheduler import Scheduler
@@ -66,7 +67,8 @@ class TrainConfig:
         static_weights: Whether to scale task losses by ``w_t = mean(V1) / V1_t``.
         checkpoint_dir: Folder that receives ``last.pt`` after every epoch, or None for no
             checkpoint.
-        show_progress: Whether to show a tqdm bar over the batches of each epoch on stderr.
+        show_progress: Whether to show a tqdm bar over the batches of each epoch on stderr,
+            when stderr is a terminal.
     """
 
     n_epochs: int = 10
@@ -598,9 +600,11 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".last-", suffix=".pt")
         try:
-            with os.fdopen(descriptor, "wb") as file:
-                torch.save(self.state_dict(), file)
-            os.replace(temporary, path)
+            # A checkpoint whose write has started is finished before Ctrl-C or SIGTERM acts.
+            with deferred_signals():
+                with os.fdopen(descriptor, "wb") as file:
+                    torch.save(self.state_dict(), file)
+                os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -656,7 +660,8 @@ class Trainer:
             unit="batch",
             leave=False,
             file=sys.stderr,
-            disable=not self.config.show_progress,
+            # None lets tqdm hide the bar when stderr is not a terminal, as in a log file.
+            disable=None if self.config.show_progress else True,
         )
 
     def _grad_context(self, update: bool) -> AbstractContextManager[Any]:

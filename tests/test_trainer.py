@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -314,6 +317,28 @@ def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
 
     assert len(state["records"]) == 2
     assert state["gates"] == trainer.gates.tolist()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_interrupt_during_save_keeps_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = make_trainer(tmp_path=tmp_path, n_epochs=3)
+    save = torch.save
+
+    def save_interrupted(state: Any, file: Any) -> None:
+        # Ctrl-C arrives once the write has begun.
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        save(state, file)
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert len(state["records"]) == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == [CHECKPOINT_NAME]
 
 
