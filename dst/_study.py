@@ -876,7 +876,7 @@ def train_seed(
 ) -> _tracking.RunSummary:
     """Train one seed of ``row`` into ``run_id``; STL trains one run per task below it."""
     if row.scheduler == "stl":
-        return train_stl_seed(context, tree, row, seed_index, run_id)
+        return train_stl_seed(context, trial, tree, row, seed_index, run_id)
     config = context.config
     logger = _epoch_logger(context, run_id, tree)
     callbacks: list[Callback] = [logger, _TaskNamesCallback(context)]
@@ -918,6 +918,7 @@ def _epoch_logger(
 
 def train_stl_seed(
     context: WorkerContext,
+    trial: optuna.Trial,
     tree: _tracking.RunTree,
     row: Row,
     seed_index: int,
@@ -925,23 +926,28 @@ def train_stl_seed(
 ) -> _tracking.RunSummary:
     """Train each task alone, one ``stl_task`` run each, and log their values to the parent.
 
-    The number of tasks is known once the first run has loaded the data.
+    The number of tasks is known once the first run has loaded the data. Each task has its
+    own checkpoint folder, ``stl-task-<index>`` in the seed's folder, so a retried trial
+    skips the tasks that its failed attempt finished and resumes the one it stopped in.
     """
     seed = context.config.seeds[seed_index]
     spec = run_spec(context, row, str(seed))
+    seed_dir = _checkpoint_dir(context, trial, seed)
     summaries: list[_tracking.RunSummary] = []
     n_tasks: int | None = None
     task_index = 0
     while n_tasks is None or task_index < n_tasks:
         run_id = tree.create(parent_run_id, "stl_task", f"stl task {task_index}", spec)
         logger = _epoch_logger(context, run_id, tree, task_index)
+        task_dir = None if seed_dir is None else seed_dir / f"stl-task-{task_index}"
         try:
             trainer, _ = train_experiment(
                 context.experiment,
                 "stl",
-                train_config(context, seed, None),
+                train_config(context, seed, task_dir),
                 stl_task=task_index,
                 callbacks=[logger, _TaskNamesCallback(context)],
+                resume_from=_resume_path(context, trial, task_dir),
             )
         except BaseException:
             logger.close_after_error()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -44,22 +45,39 @@ def wait_for_epochs(path: Path, n_epochs: int, process, log: Path) -> None:
     raise AssertionError(f"no checkpoint with {n_epochs} epochs:\n{log.read_text()[-3000:]}")
 
 
+@dataclass
+class ResumableStudy:
+    worker: list[str]
+    """Arguments of ``dst worker`` with a checkpoint folder."""
+    seed_dir: Path
+    """Checkpoint folder of trial 0, seed 0."""
+    storage: optuna.storages.RDBStorage
+
+
+def create_resumable_study(
+    tmp_path: Path, name: str, enqueue: str, n_epochs: int, storage_url: str, tracking_uri: str
+) -> ResumableStudy:
+    """Create a study of one enqueued row on PostgreSQL, for workers that write checkpoints."""
+    path = write_study(tmp_path, name, f"[[enqueue]]\n{enqueue}\n", study=f"n_epochs = {n_epochs}")
+    create_study(load_study_file(path), storage_url, tracking_uri, store_tracking_uri=True)
+    checkpoints = tmp_path / "checkpoints"
+    worker = ["worker", "--study", name, "--storage", storage_url]
+    worker += ["--checkpoint-dir", str(checkpoints)]
+    return ResumableStudy(
+        worker,
+        checkpoints / name / "trial-0" / "seed-0",
+        optuna.storages.RDBStorage(storage_url, engine_kwargs={"poolclass": NullPool}),
+    )
+
+
 def test_stopped_trial_resumes_from_checkpoint(tmp_path, postgres_database, mlflow_server):
     name = f"resumed-{tmp_path.name}"
-    path = write_study(
-        tmp_path,
-        name,
-        '[[enqueue]]\nlabel = "proposed"\n',
-        study=f"n_epochs = {N_EPOCHS}",
+    created = create_resumable_study(
+        tmp_path, name, 'label = "proposed"', N_EPOCHS, postgres_database(), mlflow_server.url
     )
-    storage = postgres_database()
-    create_study(load_study_file(path), storage, mlflow_server.url, store_tracking_uri=True)
-    checkpoints = tmp_path / "checkpoints"
-    worker = ["worker", "--study", name, "--storage", storage]
-    worker += ["--heartbeat-interval", "1", "--grace-period", "2"]
-    worker += ["--checkpoint-dir", str(checkpoints)]
-    checkpoint = checkpoints / name / "trial-0" / "seed-0" / "last.pt"
-    polled = optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": NullPool})
+    worker = created.worker + ["--heartbeat-interval", "1", "--grace-period", "2"]
+    checkpoint = created.seed_dir / "last.pt"
+    polled = created.storage
 
     # SIGTERM after the first epoch: the run ends KILLED and the worker exits within seconds.
     log_a = tmp_path / "worker-a.log"
@@ -109,3 +127,52 @@ def test_stopped_trial_resumes_from_checkpoint(tmp_path, postgres_database, mlfl
     assert sorted(metric.step for metric in history) == list(range(1, N_EPOCHS + 1))
     report = build_report(mlflow_server.url, name)
     assert list(report["row"]) == ["proposed"]
+
+
+def test_stopped_stl_trial_skips_finished_tasks(tmp_path, postgres_database, mlflow_server):
+    name = f"resumed-stl-{tmp_path.name}"
+    n_epochs = 4
+    created = create_resumable_study(
+        tmp_path,
+        name,
+        'label = "STL"\nscheduler = "stl"',
+        n_epochs,
+        postgres_database(),
+        mlflow_server.url,
+    )
+    worker, polled = created.worker, created.storage
+    first, second = (created.seed_dir / f"stl-task-{index}" / "last.pt" for index in (0, 1))
+
+    # SIGTERM once the second task has trained an epoch, so the first task is finished. The
+    # epochs are short, so the second task may have finished too before the signal arrives.
+    log_a = tmp_path / "worker-a.log"
+    worker_a = start_dst(worker, tmp_path, log_a)
+    assert wait_for_running_trial(polled, name, worker_a, log_a) == 0
+    wait_for_epochs(second, 1, worker_a, log_a)
+    worker_a.send_signal(signal.SIGTERM)
+    assert worker_a.wait(timeout=30) == 130, log_a.read_text()[-3000:]
+    assert checkpoint_epochs(first) == n_epochs
+    epochs_a = checkpoint_epochs(second)
+    assert 1 <= epochs_a <= n_epochs
+
+    log_b = tmp_path / "worker-b.log"
+    worker_b = start_dst(worker, tmp_path, log_b)
+    assert worker_b.wait(timeout=300) == 0, log_b.read_text()[-3000:]
+    text_b = log_b.read_text()
+    assert f"resumed from {first} after epoch {n_epochs}" in text_b, text_b[-3000:]
+    assert f"resumed from {second} after epoch {epochs_a}" in text_b, text_b[-3000:]
+
+    study = optuna.load_study(study_name=name, storage=polled)
+    states = [trial.state for trial in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+    runs = runs_by_trial(mlflow_server.url, name)
+    assert runs[1].info.status == "FINISHED"
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    task_runs = client.search_runs(
+        [runs[1].info.experiment_id],
+        filter_string="tags.`dst.run_type` = 'stl_task' and tags.`optuna.trial_number` = '1'",
+    )
+    assert len(task_runs) == 5
+    for run in task_runs:
+        history = client.get_metric_history(run.info.run_id, "val_avg_error")
+        assert sorted(metric.step for metric in history) == list(range(1, n_epochs + 1))
