@@ -25,14 +25,12 @@ sampled trials by average error, lowest first.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +41,7 @@ from mlflow.entities import Metric, Param, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dst import _tracking
 from dst._errors import UsageError
 from dst._names import (
     TAG_ROW_LABEL,
@@ -627,25 +626,10 @@ def _log_synthetic_study(
             n_retries += 1
         else:
             attempts.append((trial, number, trial.status, 0.0))
-    with _quiet_run_urls(), ThreadPoolExecutor(max_workers=n_threads) as pool:
+    with _tracking.quiet_run_urls(), ThreadPoolExecutor(max_workers=n_threads) as pool:
         list(pool.map(lambda attempt: logger.log_trial(parent.info.run_id, *attempt), attempts))
         client.set_terminated(parent.info.run_id, _FINISHED)
     return experiment_id
-
-
-@contextlib.contextmanager
-def _quiet_run_urls() -> Iterator[None]:
-    """Stop ``set_terminated`` from printing two lines per run for an HTTP tracking URI."""
-    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-    previous = os.environ.get(name)
-    os.environ[name] = "true"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
 
 
 def _random_synthetic_trials(

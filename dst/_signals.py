@@ -38,5 +38,5 @@ def deferred_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in received:
-            signal.raise_signal(signum)
+        for number in received:
+            signal.raise_signal(number)

@@ -128,9 +128,14 @@ def create_study(
     client = MlflowClient(tracking_uri=tracking_uri)
     with study_lock(storage_url, config.name):
         storage = open_storage(storage_url, create_tables=True)
-        study = optuna.create_study(
-            storage=storage, study_name=config.name, direction="minimize", load_if_exists=True
-        )
+        try:
+            # Loading first keeps Optuna's "Using an existing study" line out of the output
+            # when the stored config then differs and the command fails.
+            study = optuna.load_study(study_name=config.name, storage=storage)
+        except KeyError:
+            study = optuna.create_study(
+                storage=storage, study_name=config.name, direction="minimize"
+            )
         _store_config(study, config, tracking_uri if store_tracking_uri else None)
         n_enqueued, n_existing = _enqueue_rows(study, config)
         parent_run_id = ensure_parent_run(client, study, config)
@@ -573,7 +578,7 @@ def run_worker(settings: WorkerSettings) -> int:
         display_url(settings.storage_url),
         context.tracking_uri,
     )
-    with _sigterm_stops_worker():
+    with _sigterm_stops_worker(), _tracking.quiet_run_urls():
         try:
             _work(context)
         finally:
@@ -583,7 +588,8 @@ def run_worker(settings: WorkerSettings) -> int:
                 context.n_run,
             )
     try:
-        finish_study(context)
+        with _tracking.quiet_run_urls():
+            finish_study(context)
     finally:
         # Close the pooled connections now, for callers that go on running.
         context.storage.engine.dispose()
@@ -744,7 +750,9 @@ def _fail_trial(
         tree.end_open(status, reason)
     trial.set_user_attr(FAIL_REASON_ATTR, reason)
     frozen = context.study.tell(trial, state=TrialState.FAIL)
-    if isinstance(error, (DivergedError, _TrialFailed)):
+    if interrupted:
+        _logger.warning("trial %d interrupted: %s", trial.number, reason)
+    elif isinstance(error, (DivergedError, _TrialFailed)):
         _logger.warning("trial %d failed: %s", trial.number, reason)
     else:
         _logger.error("trial %d failed: %s", trial.number, reason)
@@ -790,7 +798,8 @@ def _create_trial_run(
     spec = run_spec(context, row, seeds)
     run_id = tree.create(context.parent_run_id, "trial", name, spec, _tracking.row_tags(row.label))
     trial.set_user_attr(RUN_ID_ATTR, run_id)
-    _logger.info("trial %d: MLflow run %s, %s", trial.number, run_id, _describe(row))
+    url = _tracking.run_url(context.tracking_uri, context.experiment_id, run_id)
+    _logger.info("trial %d: MLflow run %s, %s", trial.number, url or run_id, _describe(row))
     return run_id
 
 

@@ -176,8 +176,14 @@ def load_study_file(path: Path, overrides: Overrides | None = None) -> StudyConf
     """
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(
+            f"study file {str(path)!r} not found; check the path, such as studies/quickstart.toml"
+        ) from None
     except OSError as error:
-        raise UsageError(f"cannot read study file {str(path)!r}: {error.strerror}") from None
+        raise UsageError(
+            f"cannot read study file {str(path)!r}: {error.strerror}; give a readable TOML file"
+        ) from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -138,6 +138,16 @@ def check_storage(url: str, *, must_exist: bool) -> None:
             pass
     except sqlalchemy.exc.OperationalError as error:
         reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        # A failed connection carries no SQLSTATE in psycopg 3, so match the server's
+        # (English) message.
+        if f'database "{parsed.database}" does not exist' in reason:
+            user = f" -U {parsed.username}" if parsed.username else ""
+            raise UsageError(
+                f"the study storage at {parsed.host}:{parsed.port or 5432} has no database"
+                f" {parsed.database!r}; create it with 'createdb -h {parsed.host}"
+                f" -p {parsed.port or 5432}{user} {parsed.database}' or fix --storage /"
+                " DST_STORAGE"
+            ) from None
         raise UsageError(
             f"cannot connect to the study storage at {parsed.host}:{parsed.port or 5432}"
             f" (database {parsed.database!r}): {reason}; start the server or fix --storage /"

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
@@ -49,7 +48,7 @@ from dst._names import (
     TAG_TRIAL_NUMBER,
     task_keys,
 )
-from dst._trainer import Callback, EpochRecord, Trainer, TrainResult
+from dst._trainer import Callback, EpochRecord, Trainer, TrainResult, epochs_table
 
 _logger = logging.getLogger(__name__)
 
@@ -482,10 +481,35 @@ class EpochLogger(Callback):
             self.delivery.drain()
         self.summary = summarize(result, self.task_index)
         log_metrics(self.client, self.run_id, summary_metrics(self.summary, self.keys), 0)
-        rows = [record.as_dict(self.keys) for record in result.records]
-        self.client.log_text(self.run_id, pd.DataFrame(rows).to_csv(index=False), "epochs.csv")
+        table = epochs_table(result.records, self.keys)
+        self.client.log_text(self.run_id, table.to_csv(index=False), "epochs.csv")
         figure = figure6(result.records, self.task_names)
         self.client.log_figure(self.run_id, figure, "figure6.png")
+
+
+@contextmanager
+def quiet_run_urls() -> Iterator[None]:
+    """Stop MLflow from printing two "View run" lines to stdout whenever a run ends.
+
+    MLflow prints them for an HTTP tracking URI unless MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+    is set. A value that the user set stays in force.
+    """
+    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    previous = os.environ.get(name)
+    if previous is None:
+        os.environ[name] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """Return the MLflow UI address of a run on an HTTP tracking server, else None."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 DEFAULT_OUTAGE_LIMIT_S = 600.0

@@ -21,6 +21,7 @@ from dst._trainer import (
     TrainConfig,
     Trainer,
     TrainResult,
+    epochs_table,
     resolve_device,
     train_experiment,
 )
@@ -215,18 +216,27 @@ def run_train(args: argparse.Namespace) -> int:
             "starting over: %s will be overwritten; use --resume to continue", checkpoint
         )
 
-    trainer, result = train_experiment(
-        experiment,
-        args.scheduler,
-        _train_config(args, output_dir),
-        lambdas=lambdas,
-        beta=args.beta,
-        count_metric=args.count_metric,
-        p=args.p,
-        stl_task=args.stl_task,
-        callbacks=build_callbacks(args, experiment),
-        resume_from=checkpoint if args.resume else None,
-    )
+    try:
+        trainer, result = train_experiment(
+            experiment,
+            args.scheduler,
+            _train_config(args, output_dir),
+            lambdas=lambdas,
+            beta=args.beta,
+            count_metric=args.count_metric,
+            p=args.p,
+            stl_task=args.stl_task,
+            callbacks=build_callbacks(args, experiment),
+            resume_from=checkpoint if args.resume else None,
+        )
+    except KeyboardInterrupt:
+        if checkpoint.is_file():
+            _logger.warning(
+                "stopped; %s keeps the finished epochs, so run the same command with --resume"
+                " to continue",
+                checkpoint,
+            )
+        raise
     _write_epochs(trainer, output_dir / EPOCHS_FILE)
     print_results(trainer, result)
     return 0
@@ -336,8 +346,7 @@ def _train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
 
 def _write_epochs(trainer: Trainer, path: Path) -> None:
     names = [task.name for task in trainer.tasks]
-    rows = [record.as_dict(names) for record in trainer.records]
-    pd.DataFrame(rows).to_csv(path, index=False)
+    epochs_table(trainer.records, names).to_csv(path, index=False)
     _logger.info("wrote %s", path)
 
 

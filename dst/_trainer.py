@@ -40,6 +40,8 @@ from dst._experiment import Experiment, ExperimentData, MultiTaskModel, Task
 from dst._signals import deferred_signals
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from dst._scheduler import Scheduler
 
 _logger = logging.getLogger(__name__)
@@ -547,51 +549,29 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Load the checkpoint at ``path``, so that ``fit`` continues after its last epoch."""
         path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"checkpoint {str(path)!r} not found; train without resuming first")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-            raise UsageError(
-                f"checkpoint {str(path)!r} cannot be read ({type(error).__name__});"
-                " delete it and train without resuming"
-            ) from error
+        state = read_checkpoint(path)
         try:
             self.load_state_dict(state)
         except UsageError:
             raise
         except (ValueError, KeyError, RuntimeError) as error:
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            # The scheduler's messages end with a fix of their own; keep only the fault.
+            fault = first_line.split(";")[0]
             raise UsageError(
-                f"checkpoint {str(path)!r} does not match this run: {first_line};"
+                f"checkpoint {str(path)!r} does not match this run: {fault};"
                 " resume with the settings that wrote it, or train without resuming"
             ) from error
         _logger.info("resumed from %s after epoch %d", path, len(self.records))
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != _CHECKPOINT_FORMAT:
-            raise UsageError(
-                f"checkpoint format {state.get('format')!r} is not supported, expected"
-                f" {_CHECKPOINT_FORMAT}; start the run again without resuming"
-            )
+        check_checkpoint_settings(state, self.config.seed, self.run_settings)
         names = [task.name for task in self.tasks]
         if state["task_names"] != names:
             raise UsageError(
                 f"the checkpoint's tasks {state['task_names']} differ from the experiment's"
                 f" {names}; resume with the same experiment and options"
             )
-        if state["seed"] != self.config.seed:
-            raise UsageError(
-                f"the checkpoint was written with seed {state['seed']}, not {self.config.seed};"
-                f" resume with --seed {state['seed']}"
-            )
-        saved = state.get("run_settings") or {}
-        for name, value in self.run_settings.items():
-            if name in saved and saved[name] != value:
-                raise UsageError(
-                    f"the checkpoint was written with {name} = {saved[name]}, not {value};"
-                    " resume with the settings that wrote it, or train without resuming"
-                )
 
     def _save_checkpoint(self) -> None:
         path = self.checkpoint_path
@@ -733,6 +713,20 @@ def train_experiment(
     from dst._scheduler import make_scheduler
 
     config = resolve_config(config, experiment)
+    settings = run_settings(experiment, config)
+    settings.update(
+        scheduler_settings(
+            scheduler_name,
+            lambdas=lambdas,
+            beta=beta,
+            count_metric=count_metric,
+            p=p,
+            stl_task=stl_task,
+        )
+    )
+    if resume_from is not None:
+        # Mismatched settings fail here, before the data are loaded.
+        check_checkpoint_settings(read_checkpoint(resume_from), config.seed, settings)
     seed_everything(config.seed)
     data = experiment.load(config.seed)
     model = experiment.build_model(data.tasks)
@@ -747,7 +741,7 @@ def train_experiment(
         stl_task=stl_task,
     )
     trainer = Trainer(data, model, scheduler, config, callbacks)
-    trainer.run_settings = run_settings(experiment, config)
+    trainer.run_settings = settings
     if resume_from is not None:
         trainer.resume(resume_from)
     return trainer, trainer.fit()
@@ -767,6 +761,99 @@ def run_settings(experiment: Experiment, config: TrainConfig) -> dict[str, str]:
     settings["lr"] = repr(config.lr)
     settings["batch_size"] = repr(config.batch_size)
     return settings
+
+
+def epochs_table(records: Sequence[EpochRecord], task_names: Sequence[str]) -> pd.DataFrame:
+    """Return one row of :meth:`EpochRecord.as_dict` per epoch, with integer flags and counts.
+
+    ``as_dict`` gives floats, as MLflow metrics need. The table turns the epoch, ``updated``
+    and the ``active/`` and ``gate/`` columns back into integers for CSV files.
+    """
+    import pandas as pd
+
+    table = pd.DataFrame([record.as_dict(task_names) for record in records])
+    integers = [
+        column
+        for column in table.columns
+        if column in ("epoch", "updated") or column.startswith(("active/", "gate/"))
+    ]
+    table[integers] = table[integers].astype(int)
+    return table
+
+
+def scheduler_settings(
+    name: str,
+    *,
+    lambdas: Sequence[float] | Mapping[str, float],
+    beta: float,
+    count_metric: str,
+    p: float,
+    stl_task: str | int | None,
+) -> dict[str, str]:
+    """Return the scheduler settings that a resumed run must share with its checkpoint."""
+    from dst._scheduler import check_lambdas
+
+    settings = {"scheduler": repr(name)}
+    if name == "dst":
+        settings["lambdas"] = repr(check_lambdas(lambdas))
+        settings["beta"] = repr(float(beta))
+        settings["count_metric"] = repr(count_metric)
+    elif name == "random":
+        settings["p"] = repr(float(p))
+    elif name == "stl":
+        settings["stl_task"] = repr(stl_task)
+    return settings
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` onto the CPU.
+
+    Raises:
+        UsageError: The file is missing or is not a checkpoint that torch can read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {str(path)!r} not found; train without resuming first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        raise UsageError(
+            f"checkpoint {str(path)!r} cannot be read ({type(error).__name__});"
+            " delete it and train without resuming"
+        ) from error
+
+
+def check_checkpoint_settings(
+    state: Mapping[str, Any], seed: int, settings: Mapping[str, str]
+) -> None:
+    """Raise UsageError unless the checkpoint ``state`` was written by a run like this one.
+
+    ``settings`` are compared by name with the checkpoint's ``run_settings``. A name that
+    either side lacks is not compared, so checkpoints of older versions still resume.
+    """
+    if state.get("format") != _CHECKPOINT_FORMAT:
+        raise UsageError(
+            f"checkpoint format {state.get('format')!r} is not supported, expected"
+            f" {_CHECKPOINT_FORMAT}; start the run again without resuming"
+        )
+    if state.get("seed") != seed:
+        raise UsageError(
+            f"the checkpoint was written with seed {state.get('seed')}, not {seed};"
+            f" resume with --seed {state.get('seed')}"
+        )
+    saved = state.get("run_settings") or {}
+    for name, value in settings.items():
+        if name in saved and saved[name] != value:
+            raise UsageError(
+                f"the checkpoint was written with {name} = {_setting_text(saved[name])}, not"
+                f" {_setting_text(value)}; resume with the settings that wrote it, or train"
+                " without resuming"
+            )
+
+
+def _setting_text(text: str) -> str:
+    # An option left at None takes a default that depends on other options (a preset).
+    return "the default" if text == "None" else text
 
 
 def resolve_config(config: TrainConfig, experiment: Experiment) -> TrainConfig:

@@ -131,7 +131,8 @@ CASES: dict[str, Case] = {
     ),
     "study file that is not TOML": Case(CREATE_HTTP, "TOML", "[study\nname = 1\n"),
     "missing study file": Case(
-        ("study", "create", "{data}/missing.toml", "--storage", "{storage}"), "missing.toml"
+        ("study", "create", "{data}/missing.toml", "--storage", "{storage}"),
+        "missing.toml' not found; check the path",
     ),
     "storage that does not connect": Case(
         (
@@ -155,6 +156,16 @@ CASES: dict[str, Case] = {
     "report from a tracking server that does not respond": Case(
         ("report", "--study", STUDY, "--tracking-uri", "http://127.0.0.1:{port}"),
         "does not respond",
+    ),
+    "worker with a storage database that does not exist": Case(
+        (
+            "worker",
+            "--study",
+            STUDY,
+            "--storage",
+            "postgresql+psycopg://postgres@127.0.0.1:5432/dst_no_such_database",
+        ),
+        "create it with 'createdb -h 127.0.0.1 -p 5432 -U postgres dst_no_such_database'",
     ),
     "study that does not exist": Case(
         ("worker", "--study", "no-such-study", "--storage", "{postgres}"),

@@ -107,6 +107,8 @@ def test_stopped_trial_resumes_from_checkpoint(tmp_path, postgres_database, mlfl
     text_c = log_c.read_text()
     assert "stopped sending heartbeats" in text_c, text_c[-3000:]
     assert f"resumed from {checkpoint} after epoch {epochs_b}" in text_c, text_c[-3000:]
+    assert f"trial 2: MLflow run {mlflow_server.url}/#/experiments/" in text_c
+    assert "View run" not in text_c
 
     study = optuna.load_study(study_name=name, storage=polled)
     trials = {trial.number: trial for trial in study.get_trials()}

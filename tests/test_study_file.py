@@ -204,8 +204,10 @@ def test_invalid_toml_names_file(tmp_path):
     path.write_text("[study\nname = 1\n")
     with pytest.raises(UsageError, match="invalid TOML in study file"):
         load_study_file(path)
-    with pytest.raises(UsageError, match="cannot read study file"):
+    with pytest.raises(UsageError, match="study file .*missing.toml' not found; check the path"):
         load_study_file(tmp_path / "missing.toml")
+    with pytest.raises(UsageError, match="cannot read study file .*; give a readable TOML file"):
+        load_study_file(tmp_path)
 
 
 def test_unknown_experiment_option_raises():

@@ -347,9 +347,22 @@ def test_create_is_idempotent_and_rejects_changed_config(tmp_path, capsys):
     study = optuna.load_study(study_name="again", storage=storage)
     assert [trial.user_attrs["row"]["label"] for trial in study.get_trials()] == ["mtl", "dst"]
     capsys.readouterr()
-    status, message = run_cli(["study", "create", str(path), *service, "--n-epochs", "3"], capsys)
+    changed = ["study", "create", str(path), *service, "--n-epochs", "3"]
+    status, message = run_cli(changed, capsys)
     assert status == 2
     assert "study 'again' already exists with n_epochs = 2, not 3" in message
+
+    # Optuna's own log handler writes to the process's stderr, which capsys does not capture.
+    result = subprocess.run(
+        [sys.executable, "-m", "dst", *changed],
+        cwd=tmp_path,
+        env=dst_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_omniglot_study_needs_data_dir(tmp_path, capsys):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_trainer import TinyExperiment
 
-from dst import ExperimentData, UsageError
+from dst import Callback, EpochRecord, ExperimentData, Trainer, UsageError, _train_cli
 from dst._train_cli import parse_options, parse_value
-from dst._trainer import CHECKPOINT_NAME
+from dst._trainer import CHECKPOINT_NAME, check_checkpoint_settings
 from dst.cli import main
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -244,7 +244,9 @@ def test_shapes_trains_end_to_end(tmp_path: Path) -> None:
     assert "Best epoch" in completed.stdout
     epochs = pd.read_csv(tmp_path / "run" / "epochs.csv")
     assert epochs["epoch"].tolist() == [1, 2]
-    assert epochs["updated"].tolist() == [0.0, 1.0]
+    assert epochs["updated"].tolist() == [0, 1]
+    assert epochs["epoch"].dtype.kind == "i"
+    assert epochs["gate/pose"].dtype.kind == "i"
 
 
 def test_resume_with_changed_option_exits_2(
@@ -259,6 +261,59 @@ def test_resume_with_changed_option_exits_2(
 
     assert status == 2
     assert "option n_samples = 96, not 64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("changed", "expected"),
+    [
+        (["--lambdas", "1,0,0,0,0"], "lambdas = (0.2, 0.2, 0.2, 0.2, 0.2), not (1.0, 0.0,"),
+        (["--beta", "0.5"], "beta = 0.1, not 0.5"),
+        (["--count-metric", "inverse"], "count_metric = 'proportional', not 'inverse'"),
+        (["--scheduler", "mtl"], "scheduler = 'dst', not 'mtl'"),
+    ],
+)
+def test_resume_with_changed_scheduler_exits_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], changed: list[str], expected: str
+) -> None:
+    common = ["train", "--n-epochs", "2", "--output-dir", str(tmp_path / "run")]
+    assert main([*common, "--experiment", TINY]) == 0
+    capsys.readouterr()
+
+    # The unloadable experiment fails the test if its data are loaded.
+    status = main([*common, "--experiment", UNLOADABLE, "--resume", *changed])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert expected in error
+    assert error.count("; resume with") == 1
+
+
+def test_resume_names_default_option_value() -> None:
+    state = {"format": 1, "seed": 0, "run_settings": {"option image_size": "None"}}
+
+    with pytest.raises(UsageError, match="option image_size = the default, not 20;"):
+        check_checkpoint_settings(state, 0, {"option image_size": "20"})
+
+
+def test_interrupted_train_names_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class StopAfterEpoch2(Callback):
+        def on_epoch_end(self, trainer: Trainer, record: EpochRecord) -> None:
+            if record.epoch == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        _train_cli, "build_callbacks", lambda args, experiment: [StopAfterEpoch2()]
+    )
+    run_dir = tmp_path / "run"
+
+    status = main(["train", "--experiment", TINY, "--n-epochs", "4", "--output-dir", str(run_dir)])
+
+    assert status == 130
+    assert "run the same command with --resume" in caplog.text
+    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)
+    assert len(state["records"]) == 2
 
 
 def test_unknown_option_logs_nothing_before_error(
