@@ -265,6 +265,12 @@ def test_worker_reserves_nvidia_gpu(compose: dict[str, Any]) -> None:
     assert devices[0].capabilities == {"gpu"}
 
 
+def test_worker_gets_a_minute_to_stop(compose: dict[str, Any]) -> None:
+    grace = validate_compose(compose).services["worker"].stop_grace_period
+
+    assert grace == "1m"
+
+
 def test_cpu_override_removes_gpu_reservation() -> None:
     tree = load_compose(compose_env(), CPU_OVERRIDE_FILE)
     worker = validate_compose(tree).services["worker"]
