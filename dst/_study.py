@@ -599,6 +599,7 @@ def run_worker(settings: WorkerSettings) -> int:
 def _work(context: WorkerContext) -> None:
     waiting_logged = False
     while True:
+        raise_if_stop_requested()
         claim = claim_trial(context)
         if isinstance(claim, optuna.Trial):
             waiting_logged = False
@@ -640,8 +641,20 @@ def claim_trial(context: WorkerContext) -> optuna.Trial | str:
         return trial
 
 
+_stop_requested = threading.Event()
+"""Set by the SIGTERM handler of :func:`_sigterm_stops_worker`."""
+
+
 @contextmanager
 def _sigterm_stops_worker() -> Iterator[None]:
+    """Make SIGTERM raise :class:`WorkerStopped` in the main thread, as Ctrl-C does.
+
+    A handler's exception is lost when the handler happens to run inside a garbage
+    collector callback or ``__del__``, which Python ends with "Exception ignored". So the
+    handler also sets :data:`_stop_requested`, which the worker checks after every epoch
+    and before every claim (:func:`raise_if_stop_requested`).
+    """
+    _stop_requested.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -649,6 +662,7 @@ def _sigterm_stops_worker() -> Iterator[None]:
     def stop(signum: int, frame: Any) -> None:
         # Ignore a repeated signal, so that ending the interrupted trial is not cut short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_requested.set()
         raise WorkerStopped(f"signal {signal.Signals(signum).name}")
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -656,6 +670,17 @@ def _sigterm_stops_worker() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def raise_if_stop_requested() -> None:
+    """Raise :class:`WorkerStopped` if SIGTERM arrived but its exception was lost."""
+    if _stop_requested.is_set():
+        raise WorkerStopped("signal SIGTERM")
+
+
+class _StopCheck(Callback):
+    def on_epoch_end(self, trainer: Trainer, record: EpochRecord) -> None:
+        raise_if_stop_requested()
 
 
 class _Heartbeat:
@@ -888,7 +913,7 @@ def train_seed(
         return train_stl_seed(context, trial, tree, row, seed_index, run_id)
     config = context.config
     logger = _epoch_logger(context, run_id, tree)
-    callbacks: list[Callback] = [logger, _TaskNamesCallback(context)]
+    callbacks: list[Callback] = [logger, _TaskNamesCallback(context), _StopCheck()]
     if config.pruner != "none":
         callbacks.append(_PruningCallback(trial, seed_index * config.n_epochs))
 
@@ -955,7 +980,7 @@ def train_stl_seed(
                 "stl",
                 train_config(context, seed, task_dir),
                 stl_task=task_index,
-                callbacks=[logger, _TaskNamesCallback(context)],
+                callbacks=[logger, _TaskNamesCallback(context), _StopCheck()],
                 resume_from=_resume_path(context, trial, task_dir),
             )
         except BaseException:

@@ -7,24 +7,18 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from dst._errors import UsageError
-from dst._experiment import Experiment, create_experiment, resolve_experiment
 from dst._scheduler import COUNT_METRICS, DEFAULT_LAMBDAS, SCHEDULER_NAMES, parse_lambdas
-from dst._trainer import (
-    CHECKPOINT_NAME,
-    Callback,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    epochs_table,
-    resolve_device,
-    train_experiment,
-)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from dst._experiment import Experiment
+    from dst._trainer import Callback, TrainConfig, Trainer, TrainResult
 
 _logger = logging.getLogger(__name__)
 
@@ -195,6 +189,10 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``dst train`` from parsed arguments and print the results to stdout."""
     lambdas = _check_arguments(args)
+    # Imported once the arguments are checked, so that their errors do not wait for torch.
+    from dst._experiment import create_experiment, resolve_experiment
+    from dst._trainer import CHECKPOINT_NAME, train_experiment
+
     experiment_class = resolve_experiment(args.experiment)
     output_dir = output_dir_of(args)
     checkpoint = output_dir / CHECKPOINT_NAME
@@ -302,6 +300,8 @@ def _check_arguments(args: argparse.Namespace) -> tuple[float, ...]:
         )
     if args.data_dir is not None and not args.data_dir.exists():
         raise UsageError(f"data folder {str(args.data_dir)!r} not found; check --data-dir")
+    from dst._trainer import resolve_device
+
     resolve_device(args.device)
     return lambdas
 
@@ -329,6 +329,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
+    from dst._trainer import TrainConfig
+
     return TrainConfig(
         n_epochs=args.n_epochs,
         lr=args.lr,
@@ -345,6 +347,8 @@ def _train_config(args: argparse.Namespace, output_dir: Path) -> TrainConfig:
 
 
 def _write_epochs(trainer: Trainer, path: Path) -> None:
+    from dst._trainer import epochs_table
+
     names = [task.name for task in trainer.tasks]
     epochs_table(trainer.records, names).to_csv(path, index=False)
     _logger.info("wrote %s", path)
@@ -365,6 +369,8 @@ def print_results(trainer: Trainer, result: TrainResult) -> None:
 
 def gate_table(trainer: Trainer, result: TrainResult) -> pd.DataFrame:
     """Return one row per epoch: whether it updated, each task's gate and the average errors."""
+    import pandas as pd
+
     rows = []
     for record in result.records:
         row: dict[str, Any] = {"epoch": record.epoch, "updated": int(record.updated)}
@@ -382,6 +388,8 @@ def task_table(trainer: Trainer, result: TrainResult) -> pd.DataFrame:
     The fraction of epochs on counts the training epochs, 2 to ``n_epochs``, and is NaN for
     a run of one epoch.
     """
+    import pandas as pd
+
     training = [record.active for record in result.records if record.epoch > 1]
     fraction_on = np.mean(training, axis=0) if training else np.full(len(trainer.tasks), np.nan)
     return pd.DataFrame(

@@ -1,4 +1,4 @@
-"""Tests of the deferral of SIGINT and SIGTERM around checkpoint writes."""
+"""Tests of the signal handling: deferral around checkpoint writes and the worker's SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ from typing import Any
 import pytest
 
 from dst._signals import deferred_signals
+from dst._study import (
+    WorkerStopped,
+    _sigterm_stops_worker,
+    _StopCheck,
+    raise_if_stop_requested,
+)
 
 
 @pytest.fixture
@@ -89,3 +95,34 @@ def test_block_in_other_thread_changes_nothing(handled: list[int]) -> None:
     thread.join()
 
     assert seen == [before]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_worker_sigterm_lost_in_finalizer_is_raised_later() -> None:
+    class Finalized:
+        def __del__(self) -> None:
+            # The handler runs during the sleep, inside __del__, where Python drops its
+            # exception with "Exception ignored in".
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+
+    with _sigterm_stops_worker():
+        finalized = Finalized()
+        del finalized
+
+        with pytest.raises(WorkerStopped, match="SIGTERM"):
+            raise_if_stop_requested()
+        with pytest.raises(WorkerStopped, match="SIGTERM"):
+            _StopCheck().on_epoch_end(None, None)  # type: ignore[arg-type]
+
+
+def test_worker_stop_request_cleared_on_start() -> None:
+    with _sigterm_stops_worker():
+        deliver_and_catch(signal.SIGTERM)
+    with _sigterm_stops_worker():
+        raise_if_stop_requested()
+
+
+def deliver_and_catch(signum: int) -> None:
+    with pytest.raises(WorkerStopped):
+        deliver(signum)

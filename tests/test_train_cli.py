@@ -341,3 +341,29 @@ def test_output_dir_that_is_file_exits_2(
     assert status == 2
     assert "is a file" in capsys.readouterr().err
     assert existing.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "from dst import DSTScheduler, MTLScheduler, parse_lambdas",
+        "from dst.cli import build_parser; build_parser()",
+    ],
+)
+def test_import_without_torch(statement: str) -> None:
+    code = f"import sys; {statement}; print('torch' in sys.modules)"
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=60
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "False"
+
+
+def test_package_exports_every_public_name() -> None:
+    import dst
+
+    for name in dst.__all__:
+        assert getattr(dst, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        _ = dst.missing
