@@ -32,10 +32,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MPLBACKEND=Agg
 
-# /app holds the study files and the checkpoints the worker writes, and
-# /var/lib/mlflow/artifacts is the MLflow server's artifact store and /checkpoints the
-# workers' shared checkpoints (named volumes in docker-compose.yml take the owner of these
-# folders when they are first created).
+# /app is the working folder: it holds the study files and the worker's MLflow spool
+# folder. /var/lib/mlflow/artifacts is the MLflow server's artifact store and /checkpoints
+# holds the workers' shared checkpoints (named volumes in docker-compose.yml take the owner
+# of these folders when they are first created).
 RUN useradd --create-home --uid 10001 --user-group dst \
     && mkdir -p /app /var/lib/mlflow/artifacts /checkpoints \
     && chown dst:dst /app /var/lib/mlflow/artifacts /checkpoints

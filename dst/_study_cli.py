@@ -89,7 +89,8 @@ def add_parsers(commands: Any) -> None:
     report.add_argument(
         "--format",
         choices=REPORT_FORMATS,
-        help="output format (default: from the --output suffix, else a text table)",
+        help="output format (default: from the --output suffix .txt, .md, .csv or .html,"
+        " else a text table)",
     )
     report.add_argument("--output", type=Path, help="file to write instead of stdout")
     report.set_defaults(handler=run_report)
@@ -279,9 +280,10 @@ def run_worker_command(args: argparse.Namespace) -> int:
 
 def run_replay(args: argparse.Namespace) -> int:
     """Handle ``dst replay``."""
-    from dst._tracking import replay_spool
+    from dst._tracking import quiet_run_urls, replay_spool
 
-    n_sent = replay_spool(args.file, args.tracking_uri)
+    with quiet_run_urls():
+        n_sent = replay_spool(args.file, args.tracking_uri)
     print(f"sent {n_sent} records of {args.file}")
     return 0
 
@@ -308,9 +310,15 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def _format_of(output: Path | None) -> str:
-    if output is None:
+    if output is None or output.suffix.lower() in ("", ".txt"):
         return "text"
-    return _SUFFIX_FORMATS.get(output.suffix.lower(), "text")
+    fmt = _SUFFIX_FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        raise UsageError(
+            f"cannot tell the report format of --output {str(output)!r} from its suffix;"
+            f" name the file .txt, {', '.join(_SUFFIX_FORMATS)}, or give --format"
+        )
+    return fmt
 
 
 def _print_report(tracking_uri: str, study_name: str) -> None:

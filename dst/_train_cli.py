@@ -107,7 +107,7 @@ def _add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
         "--p",
         type=float,
         default=0.5,
-        help="probability that a task is on in an epoch, in [0, 1], for --scheduler random"
+        help="probability that a task is on in an epoch, in (0, 1], for --scheduler random"
         " (default: %(default)s)",
     )
     group.add_argument(
@@ -316,7 +316,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             "at least 2, because epoch 1 only measures the losses",
         ),
         ("--beta", args.beta, 0.0 <= args.beta <= 1.0, "a number in [0, 1]"),
-        ("--p", args.p, 0.0 <= args.p <= 1.0, "a probability in [0, 1]"),
+        ("--p", args.p, 0.0 < args.p <= 1.0, "a probability in (0, 1], since 0 trains nothing"),
         ("--num-workers", args.num_workers, args.num_workers >= 0, "0 or more"),
     ]
     if args.lr is not None:

@@ -492,6 +492,14 @@ class Trainer:
             context = nullcontext() if active[index] else torch.no_grad()
             with context:
                 per_sample = task.loss(head(features), target)
+                # Shapes are metadata on the host, so this check costs no device sync. A loss of
+                # shape (batch, 1) would broadcast against the mask and train on nonsense.
+                if per_sample.shape != labelled.shape:
+                    raise UsageError(
+                        f"the loss of task {task.name!r} returned shape"
+                        f" {tuple(per_sample.shape)}, expected {tuple(labelled.shape)}, one"
+                        " value per sample; reduce over the other dimensions and not the batch"
+                    )
                 labelled_losses = torch.where(labelled, per_sample, torch.zeros_like(per_sample))
                 losses.append(labelled_losses.sum() / labelled.sum().clamp(min=1))
         return losses

@@ -110,6 +110,9 @@ def test_outage_limit_stops_worker_for_replay(tmp_path, postgres_database, start
         timeout=120,
     )
     assert replay.returncode == 0, replay.stderr
+    # One line of dst's own; MLflow prints no "View run" lines.
+    assert len(replay.stdout.splitlines()) == 1, replay.stdout
+    assert replay.stdout.startswith("sent "), replay.stdout
     assert not spool_files[0].exists()
     steps_after = epoch_steps(server.url, run.info.run_id)
     assert len(steps_after) > len(steps_before)

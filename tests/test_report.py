@@ -21,6 +21,7 @@ from dst._report import (
     build_report,
     render_report,
 )
+from dst.cli import main
 
 TASKS = ["T1 gender", "T2/spectacles"]
 """Task names; the slash makes the MLflow key (``T2_spectacles``) differ from the name."""
@@ -339,3 +340,18 @@ def test_report_reads_sqlite_tracking_uri(tmp_path: Path) -> None:
     assert proposed["gap/T2/spectacles"] == pytest.approx(-9.0)
     assert row_of(report, "trial 3")["avg_error_mean"] == pytest.approx(9.0)
     assert "89.00 ± 1.41" in render_report(report, "markdown")
+
+
+def test_report_command_writes_format_of_suffix(tmp_path: Path) -> None:
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = [_SyntheticTrial(errors=((10.0, 20.0),), label="proposed")]
+    _log_synthetic_study(tracking_uri, "suffixes", trials, TASKS)
+    report = ["report", "--study", "suffixes", "--tracking-uri", tracking_uri]
+
+    for name, expected in [("r.md", "| --- |"), ("r.csv", "row,"), ("r.html", "<table")]:
+        assert main([*report, "--output", str(tmp_path / name)]) == 0
+        assert expected in (tmp_path / name).read_text(), name
+
+    assert main([*report, "--output", str(tmp_path / "r.json")]) == 2
+    assert not (tmp_path / "r.json").exists()
+    assert main([*report, "--output", str(tmp_path / "r.json"), "--format", "csv"]) == 0

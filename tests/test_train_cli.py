@@ -92,6 +92,7 @@ def test_bad_argument_exits_2_with_one_line(
         (["--lambdas", "a,b,c,d,e"], "invalid lambdas 'a,b,c,d,e'"),
         (["--beta", "1.5"], "invalid --beta 1.5"),
         (["--p", "-0.1"], "invalid --p -0.1"),
+        (["--p", "0"], "invalid --p 0.0; expected a probability in (0, 1]"),
         (["--n-epochs", "0"], "invalid --n-epochs 0"),
         (["--lr", "0"], "invalid --lr 0.0"),
         (["--batch-size", "0"], "invalid --batch-size 0"),

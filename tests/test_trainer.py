@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,25 @@ def test_task_losses_are_masked_means() -> None:
     assert torch.isfinite(losses[0])
     assert losses[0].item() == pytest.approx(expected_regression.item(), rel=1e-6)
     assert losses[1].item() == pytest.approx(expected_classification.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("loss", "shape"),
+    [
+        (lambda output, target: (output - target) ** 2, "(5, 1)"),
+        (lambda output, target: ((output[:, 0] - target[:, 0]) ** 2).mean(), "()"),
+    ],
+)
+def test_loss_of_wrong_shape_is_usage_error(loss: Any, shape: str) -> None:
+    trainer = make_trainer()
+    trainer.tasks[0] = replace(trainer.tasks[0], loss=loss)
+    inputs = torch.randn(5, N_FEATURES)
+    targets = [torch.randn(5, 1), torch.tensor([0, 1, 2, 0, 1])]
+    mask = torch.ones(5, 2, dtype=torch.bool)
+
+    expected = f"task 'reg' returned shape {shape}, expected (5,)"
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        trainer.task_losses(inputs, targets, mask, np.array([True, True]))
 
 
 def test_task_without_labels_in_batch_contributes_nothing() -> None:
