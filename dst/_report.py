@@ -17,7 +17,9 @@ appears once. Each value is the mean and the sample standard deviation (ddof 1) 
 The rows of Table 9 of the DST paper (A. Malhotra, M. Vatsa, R. Singh, "Dropped Scheduled
 Task: Mitigating Negative Transfer in Multi-task Learning using Dynamic Task Dropping", TMLR
 2022) are recognised by scheduler and lambdas rather than by label, so a study file may word
-its labels freely. The DST rows also need the proportional count term, because the inverse
+its labels freely. Only labelled rows (``[[enqueue]]``) are placed this way: a trial without a
+label, drawn by the sampler or run with the study's fixed settings, is a sampled trial even
+when its lambdas equal a Table 9 row. The DST rows also need the proportional count term, because the inverse
 count is a different ablation. Rows come in this order: traditional MTL, the 15 DST rows of
 Table 9, random drop at 0.5 and 0.75, STL, the other labelled rows in enqueue order, then the
 sampled trials by average error, lowest first.
@@ -521,9 +523,9 @@ def _footnotes(df: pd.DataFrame) -> list[str]:
         "Task columns: the test metric at the epoch of lowest validation average error."
         " avg error: the mean of the task errors (%) at that epoch. Each value is the mean"
         " ± sample standard deviation over the seeds counted in the seeds column.",
-        "Order: traditional MTL and the DST rows of Table 9 (recognised by scheduler and"
-        " lambdas), random drop, STL, other labelled rows in enqueue order, then sampled"
-        " trials by avg error, lowest first.",
+        "Order: traditional MTL and the DST rows of Table 9 (labelled rows, recognised by"
+        " scheduler and lambdas), random drop, STL, other labelled rows in enqueue order,"
+        " then the unlabelled (sampled) trials by avg error, lowest first.",
     ]
     if reference is None:
         notes.append("The study has no STL row, so the table shows no gap to STL.")
