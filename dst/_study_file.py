@@ -13,7 +13,7 @@ A study file is data, read with :mod:`tomllib`. Its tables:
 - ``[scheduler]``: the defaults of every trial, ``name`` (``dst``, ``mtl``, ``random`` or
   ``stl``), ``lambdas``, ``beta``, ``count_metric`` and ``p``.
 - ``[search]``: what sampled trials search. ``lambdas = true`` samples the five weights on
-  the simplex; ``beta`` is a ``[low, high]`` range or a fixed number. Without this table
+  the simplex; ``beta = [low, high]`` samples beta in that range. Without this table
   every sampled trial trains the ``[scheduler]`` defaults.
 - ``[sampler]``: ``name`` (``tpe`` or ``random``), ``seed`` and ``n_startup_trials``.
 - ``[pruner]``: ``name`` (``none`` or ``median``), ``n_startup_trials`` and
@@ -102,7 +102,9 @@ class StudyConfig:
         sampler_startup_trials: Random trials before TPE starts modelling.
         pruner: ``none`` or ``median``.
         pruner_startup_trials: Trials that finish before the median pruner prunes.
-        pruner_warmup_steps: Epochs of each seed before the median pruner prunes.
+        pruner_warmup_steps: Steps before the median pruner prunes. Seed ``i`` reports
+            epoch ``e`` as step ``i * n_epochs + e``, so the warmup covers the first
+            epochs of the first seed only.
         rows: The ``[[enqueue]]`` rows, in file order.
     """
 
@@ -377,10 +379,10 @@ def _parse_search(search: Mapping[str, Any], defaults: Row) -> tuple[bool, Any]:
     search_beta: tuple[float, float] | None = None
     if isinstance(beta, list):
         search_beta = _beta_range(beta)
-    elif beta is not None and not _is_number(beta):
+    elif beta is not None:
         raise UsageError(
-            f"[search].beta must be a [low, high] range or a number in [0, 1], got {beta!r};"
-            " write beta = [0.0, 0.5] or beta = 0.1"
+            f"[search].beta must be a [low, high] range, got {beta!r}; write beta = [0.0, 0.5],"
+            " or set a fixed beta for every trial as [scheduler].beta"
         )
     if (search_lambdas or search_beta) and defaults.scheduler != "dst":
         raise UsageError(

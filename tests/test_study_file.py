@@ -80,6 +80,7 @@ BAD_FILES = [
     ("unknown key", changed("search.betaa", 0.1), "unknown key [search].betaa"),
     ("unknown row key", changed("enqueue.0.lambda", 1), "unknown key [[enqueue]] row 1.lambda"),
     ("beta type", changed("search.beta", "high"), "[search].beta must be a [low, high] range"),
+    ("fixed beta in search", changed("search.beta", 0.3), "set a fixed beta for every trial"),
     ("beta range order", changed("search.beta", [0.5, 0.1]), "[search].beta range must have"),
     ("beta range bounds", changed("search.beta", [0.0, 2.0]), "[search].beta high must be in"),
     ("scheduler beta", changed("scheduler.beta", 1.5), "[scheduler].beta must be in [0, 1]"),
