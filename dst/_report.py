@@ -19,10 +19,11 @@ Task: Mitigating Negative Transfer in Multi-task Learning using Dynamic Task Dro
 2022) are recognised by scheduler and lambdas rather than by label, so a study file may word
 its labels freely. Only labelled rows (``[[enqueue]]``) are placed this way: a trial without a
 label, drawn by the sampler or run with the study's fixed settings, is a sampled trial even
-when its lambdas equal a Table 9 row. The DST rows also need the proportional count term, because the inverse
-count is a different ablation. Rows come in this order: traditional MTL, the 15 DST rows of
-Table 9, random drop at 0.5 and 0.75, STL, the other labelled rows in enqueue order, then the
-sampled trials by average error, lowest first.
+when its lambdas equal a Table 9 row. The DST rows also need the proportional count term,
+because the inverse count is a different ablation. Rows come in this order: traditional
+MTL, the 15 DST rows of Table 9, random drop at 0.5 and 0.75, STL, the other labelled rows in
+enqueue order, then the sampled trials by average error, lowest first. CSV output also has a
+``p`` column, set on random rows only.
 """
 
 from __future__ import annotations
@@ -354,6 +355,8 @@ def _assemble_rows(
             "scheduler": trials["scheduler"],
             "trial": trials["trial_number"].astype("Int64"),
             **{column: trials[column] for column in (*_LAMBDA_COLUMNS, "beta")},
+            # Only a random row's p tells two random rows apart; the table labels show it.
+            "p": trials["p"].where(trials["scheduler"] == "random"),
         }
     )
     for name, (_, key) in zip(_display_names(tasks), tasks, strict=True):

@@ -120,3 +120,4 @@ def test_outage_limit_stops_worker_for_replay(tmp_path, postgres_database, start
     run = runs_by_trial(server.url, "given-up")[0]
     assert run.info.status == "FAILED"
     assert "TrackingUnavailable" in run.data.tags["dst.fail_reason"]
+    assert f"sent later by 'dst replay {spool_files[0].name}'" in run.data.tags["dst.fail_reason"]

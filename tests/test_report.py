@@ -109,6 +109,14 @@ def test_rows_carry_lambdas_beta_and_trial(tracking_uri: str) -> None:
         _SyntheticTrial(
             errors=((10.0, 20.0),), label="varying 1", lambdas=(0.2, 0.2, 0.3, 0.3, 0)
         ),
+        _SyntheticTrial(
+            errors=((10.0, 20.0),),
+            label="drop",
+            scheduler="random",
+            lambdas=None,
+            beta=None,
+            p=0.75,
+        ),
     ]
     study = new_study_name()
     _log_synthetic_study(tracking_uri, study, trials, TASKS)
@@ -124,6 +132,10 @@ def test_rows_carry_lambdas_beta_and_trial(tracking_uri: str) -> None:
     mtl = row_of(report, "MTL")
     assert all(math.isnan(mtl[f"lambda_{name}"]) for name in "dcurb")
     assert math.isnan(mtl["beta"])
+    assert math.isnan(mtl["p"])
+    assert math.isnan(varying["p"])
+    assert row_of(report, "drop")["p"] == 0.75
+    assert "p" in render_report(report, "csv").splitlines()[0].split(",")
 
 
 def test_values_are_mean_and_std_over_seeds(tracking_uri: str) -> None:
