@@ -355,7 +355,7 @@ def _assemble_rows(
             "scheduler": trials["scheduler"],
             "trial": trials["trial_number"].astype("Int64"),
             **{column: trials[column] for column in (*_LAMBDA_COLUMNS, "beta")},
-            # Only a random row's p tells two random rows apart; the table labels show it.
+            # Two random rows differ only in p; the text formats show it in the row labels.
             "p": trials["p"].where(trials["scheduler"] == "random"),
         }
     )
