@@ -578,21 +578,21 @@ def run_worker(settings: WorkerSettings) -> int:
         display_url(settings.storage_url),
         context.tracking_uri,
     )
-    with _sigterm_stops_worker(), _tracking.quiet_run_urls():
+    with _tracking.quiet_run_urls():
+        with _sigterm_stops_worker():
+            try:
+                _work(context)
+            finally:
+                _logger.info(
+                    "worker stopped: study %s, %d trials run by this worker",
+                    settings.study_name,
+                    context.n_run,
+                )
         try:
-            _work(context)
-        finally:
-            _logger.info(
-                "worker stopped: study %s, %d trials run by this worker",
-                settings.study_name,
-                context.n_run,
-            )
-    try:
-        with _tracking.quiet_run_urls():
             finish_study(context)
-    finally:
-        # Close the pooled connections now, for callers that go on running.
-        context.storage.engine.dispose()
+        finally:
+            # Close the pooled connections now, for callers that go on running.
+            context.storage.engine.dispose()
     return context.n_run
 
 
@@ -679,6 +679,8 @@ def raise_if_stop_requested() -> None:
 
 
 class _StopCheck(Callback):
+    """Callback that stops training at the end of an epoch once SIGTERM is recorded."""
+
     def on_epoch_end(self, trainer: Trainer, record: EpochRecord) -> None:
         raise_if_stop_requested()
 

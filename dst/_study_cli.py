@@ -315,8 +315,8 @@ def _format_of(output: Path | None) -> str:
     fmt = _SUFFIX_FORMATS.get(output.suffix.lower())
     if fmt is None:
         raise UsageError(
-            f"cannot tell the report format of --output {str(output)!r} from its suffix;"
-            f" name the file .txt, {', '.join(_SUFFIX_FORMATS)}, or give --format"
+            f"unknown report suffix {output.suffix!r} of --output {str(output)!r}; name the"
+            f" file .txt, {', '.join(_SUFFIX_FORMATS)}, or give --format"
         )
     return fmt
 

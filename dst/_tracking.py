@@ -730,7 +730,7 @@ def replay_spool(path: Path, tracking_uri: str | None = None) -> int:
     client = MlflowClient(tracking_uri=uri)
     for index, batch in enumerate(batches):
         if "status" in batch:
-            # The kept reason tells the reader to run this replay; say that it ran.
+            # The kept reason asks for this replay, so add that the replay has run.
             replayed = f" (kept epochs sent later by 'dst replay {Path(path).name}')"
             batch = {**batch, "reason": batch["reason"] + replayed}
         try:

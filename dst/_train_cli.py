@@ -230,7 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if checkpoint.is_file():
             _logger.warning(
-                "stopped; %s keeps the finished epochs, so run the same command with --resume"
+                "stopped; %s contains the finished epochs, so run the same command with --resume"
                 " to continue",
                 checkpoint,
             )

@@ -554,10 +554,15 @@ class Trainer:
         self.gates = np.asarray(state["gates"], dtype=bool)
         _set_random_states(state["random_states"])
 
-    def resume(self, path: Path) -> None:
-        """Load the checkpoint at ``path``, so that ``fit`` continues after its last epoch."""
+    def resume(self, path: Path, state: Mapping[str, Any] | None = None) -> None:
+        """Load the checkpoint at ``path``, so that ``fit`` continues after its last epoch.
+
+        ``state`` is the checkpoint already read from ``path`` with :func:`read_checkpoint`,
+        which spares a second read; None reads the file.
+        """
         path = Path(path)
-        state = read_checkpoint(path)
+        if state is None:
+            state = read_checkpoint(path)
         try:
             self.load_state_dict(state)
         except UsageError:
@@ -732,9 +737,11 @@ def train_experiment(
             stl_task=stl_task,
         )
     )
+    checkpoint = None
     if resume_from is not None:
         # Mismatched settings fail here, before the data are loaded.
-        check_checkpoint_settings(read_checkpoint(resume_from), config.seed, settings)
+        checkpoint = read_checkpoint(resume_from)
+        check_checkpoint_settings(checkpoint, config.seed, settings)
     seed_everything(config.seed)
     data = experiment.load(config.seed)
     model = experiment.build_model(data.tasks)
@@ -751,7 +758,7 @@ def train_experiment(
     trainer = Trainer(data, model, scheduler, config, callbacks)
     trainer.run_settings = settings
     if resume_from is not None:
-        trainer.resume(resume_from)
+        trainer.resume(resume_from, checkpoint)
     return trainer, trainer.fit()
 
 
