@@ -21,7 +21,7 @@ import argparse
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,9 @@ class Cost:
 class TimedEpochLogger(EpochLogger):
     """``EpochLogger`` that times each hook and counts the HTTP requests of each epoch.
 
-    An epoch's requests are those sent from the end of the previous hook to the end of the
-    epoch's own, so a request that the logger sends on a thread of its own counts too.
+    An epoch's requests are those that its send makes on the logger's sender thread, counted
+    around that send, because a window between two hooks would catch a send still in flight
+    at one hook or the other. The main thread sends nothing while the sender thread works.
 
     Args:
         counter: Counter of the requests of this process, see ``count_http_requests``.
@@ -74,6 +75,8 @@ class TimedEpochLogger(EpochLogger):
         self.epochs: dict[int, Cost] = {}
         self.n_epoch_metrics = 0
         self.end: Cost | None = None
+        self.epoch_requests: dict[int, int] = {}
+        """HTTP requests of each epoch's send, by epoch."""
         self._last_count = counter.count
 
     def on_train_start(self, trainer: Trainer) -> None:
@@ -84,7 +87,15 @@ class TimedEpochLogger(EpochLogger):
         self.n_epoch_metrics = len(epoch_metrics(record, self.keys))
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        # The last epoch's send belongs to that epoch, so it ends before the end is measured.
+        self.wait_for_pending()
+        self._last_count = self.counter.count
         self.end = self._measure(super().on_train_end, trainer, result)
+
+    def _send(self, values: Mapping[str, float], step: int) -> None:
+        before = self.counter.count
+        super()._send(values, step)
+        self.epoch_requests[step] = self.counter.count - before
 
     def _measure(self, hook: Any, *args: Any) -> Cost:
         started = time.perf_counter()
@@ -222,7 +233,9 @@ def measure(experiment: Experiment, tracking_uri: str, args: argparse.Namespace)
         run_creation=run_creation,
         start=logger.start,
         end=logger.end,
-        logging=[logger.epochs[epoch] for epoch in timed],
+        logging=[
+            Cost(logger.epochs[epoch].seconds, logger.epoch_requests[epoch]) for epoch in timed
+        ],
         epoch_seconds=[clock.seconds[epoch].wall for epoch in timed],
         latencies=latencies,
     )

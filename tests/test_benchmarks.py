@@ -95,7 +95,7 @@ def test_tracking_sends_one_request_per_epoch(
     assert all(_is_positive(fraction) for fraction in result.fractions)
     # 4 run values and 11 per task of the 5 shapes tasks, with the DST probability terms.
     assert result.n_metrics == 4 + 11 * 5
-    assert result.end.requests >= 3
+    assert result.end.requests == 3
     assert sorted(result.latencies) == [1, result.n_metrics]
     assert all(len(seconds) == 2 for seconds in result.latencies.values())
 
