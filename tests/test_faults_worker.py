@@ -21,7 +21,7 @@ from test_study_worker import runs_by_trial, start_dst, wait_for_running_trial, 
 
 from dst._report import build_report
 from dst._study import create_study
-from dst._study_file import load_study_file
+from dst._study_file import Overrides, load_study_file
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +55,23 @@ class ResumableStudy:
 
 
 def create_resumable_study(
-    tmp_path: Path, name: str, enqueue: str, n_epochs: int, storage_url: str, tracking_uri: str
+    tmp_path: Path,
+    name: str,
+    enqueue: str,
+    n_epochs: int,
+    storage_url: str,
+    tracking_uri: str,
+    n_samples: int | None = None,
 ) -> ResumableStudy:
-    """Create a study of one enqueued row on PostgreSQL, for workers that write checkpoints."""
+    """Create a study of one enqueued row on PostgreSQL, for workers that write checkpoints.
+
+    ``n_samples`` replaces the tiny data set of ``write_study``, for epochs long enough that
+    a test can stop a worker between two of them.
+    """
     path = write_study(tmp_path, name, f"[[enqueue]]\n{enqueue}\n", study=f"n_epochs = {n_epochs}")
-    create_study(load_study_file(path), storage_url, tracking_uri, store_tracking_uri=True)
+    options = {} if n_samples is None else {"n_samples": n_samples}
+    config = load_study_file(path, Overrides(options=options))
+    create_study(config, storage_url, tracking_uri, store_tracking_uri=True)
     checkpoints = tmp_path / "checkpoints"
     worker = ["worker", "--study", name, "--storage", storage_url]
     worker += ["--checkpoint-dir", str(checkpoints)]
@@ -72,8 +84,15 @@ def create_resumable_study(
 
 def test_stopped_trial_resumes_from_checkpoint(tmp_path, postgres_database, mlflow_server):
     name = f"resumed-{tmp_path.name}"
+    # About 0.3 s per epoch on 2 cores, so each worker is stopped before its last epoch.
     created = create_resumable_study(
-        tmp_path, name, 'label = "proposed"', N_EPOCHS, postgres_database(), mlflow_server.url
+        tmp_path,
+        name,
+        'label = "proposed"',
+        N_EPOCHS,
+        postgres_database(),
+        mlflow_server.url,
+        n_samples=1600,
     )
     worker = created.worker + ["--heartbeat-interval", "1", "--grace-period", "2"]
     checkpoint = created.seed_dir / "last.pt"
