@@ -24,7 +24,7 @@ from sqlalchemy.pool import NullPool
 
 from dst._report import build_report
 from dst._study import WorkerSettings, create_study, run_worker
-from dst._study_file import load_study_file
+from dst._study_file import Overrides, load_study_file
 from dst.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +175,9 @@ def test_interrupted_and_dead_workers_are_retried(tmp_path, postgres_database):
     )
     storage = postgres_database()
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    create_study(load_study_file(path), storage, tracking, store_tracking_uri=True)
+    # About 0.3 s per epoch on 2 cores, so a trial still runs when the test stops its worker.
+    config = load_study_file(path, Overrides(options={"n_samples": 1600}))
+    create_study(config, storage, tracking, store_tracking_uri=True)
     worker = ["worker", "--study", "retried", "--storage", storage]
     fast_heartbeat = ["--heartbeat-interval", "1", "--grace-period", "2"]
 
